@@ -1,0 +1,1 @@
+"""Weight solvers and quantizer steps; one method per file, each registered as a recipe step."""

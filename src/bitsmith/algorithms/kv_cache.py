@@ -1,0 +1,26 @@
+"""KV-cache quantization: keys (after RoPE) and values per token and head, optionally in groups."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from bitsmith.registry import Step, register_step
+from bitsmith.runtime import kvcache
+from bitsmith.spec import QuantSpec
+
+
+@register_step("kv_quant")
+@dataclass
+class KVQuant(Step):
+    key: str | dict | None = None
+    value: str | dict | None = None
+
+    def __post_init__(self) -> None:
+        self.quantizer = kvcache.KVQuantizer(
+            None if self.key is None else QuantSpec.coerce(self.key),
+            None if self.value is None else QuantSpec.coerce(self.value),
+        )
+
+    def apply(self, ctx) -> None:
+        ad = ctx.lm.adapter
+        kvcache.install(ctx.lm.model, [ad.attention(b) for b in ad.blocks()], self.quantizer)

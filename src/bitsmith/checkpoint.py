@@ -1,0 +1,148 @@
+"""Save and load quantized models as a folder of safetensors plus JSON/YAML.
+
+Folder layout::
+
+    model.safetensors   packed integer codes, fp16 scales, packed zero points, float tensors
+    bitsmith.json       format version, float source, recipe name, per-module quantization specs
+    recipe.yaml         the recipe that produced it
+    config.json, tokenizer files  (Hugging Face), so the architecture can be rebuilt offline
+
+The folder is written under a temporary name and renamed into place at the end, so a failure never
+leaves a half-written output. Loading reads only safetensors, JSON and YAML (no pickle).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from bitsmith.errors import BitsmithError
+from bitsmith.models import LoadedModel, adapter_for
+from bitsmith.models.load import build_model
+from bitsmith.runtime import kvcache
+from bitsmith.runtime.modules import QuantEmbedding, QuantLinear
+from bitsmith.runtime.qweight import PackedWeight
+from bitsmith.spec import QuantSpec
+
+FORMAT_VERSION = 1
+WEIGHTS = "model.safetensors"
+
+
+def describe_modules(model: nn.Module) -> tuple[dict, dict]:
+    """Per-module quantization metadata: (modules, kv) as stored in bitsmith.json."""
+    modules, kv = {}, {}
+    for name, m in model.named_modules():
+        if isinstance(m, QuantLinear):
+            modules[name] = {
+                "kind": "linear",
+                "weight": None if m.packed is None else m.packed.spec.to_dict(),
+                "shape": list(m.weight.shape),
+                "bias": m.bias is not None,
+                "input": None if m.act_spec is None else m.act_spec.to_dict(),
+            }
+        elif isinstance(m, QuantEmbedding):
+            modules[name] = {"kind": "embedding", "weight": m.packed.spec.to_dict(), "shape": list(m.weight.shape),
+                             "padding_idx": m.padding_idx}
+        hook = getattr(m, "bitsmith_kv", None)
+        if hook is not None:
+            kv[name] = {"key": hook.key and hook.key.to_dict(), "value": hook.value and hook.value.to_dict()}
+    return modules, kv
+
+
+def save_quantized(lm: LoadedModel, out: str | Path, recipe_yaml: str, force: bool = False) -> Path:
+    """Write ``lm`` to ``out`` atomically; refuses to overwrite unless ``force``."""
+    from safetensors.torch import save_file
+
+    out = Path(out).expanduser()
+    if out.exists() and not force:
+        raise BitsmithError(f"output folder {out} already exists; choose another --out or pass --force")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        model = lm.model
+        modules, kv = describe_modules(model)
+        state = model.state_dict()
+        if lm.adapter.tied_embeddings():
+            state.pop("lm_head.weight", None)  # stored once, re-tied on load
+        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / WEIGHTS), metadata={"format": "bitsmith"})
+        model.config.to_json_file(str(tmp / "config.json"))
+        lm.tokenizer.save_pretrained(str(tmp))
+        (tmp / "recipe.yaml").write_text(recipe_yaml)
+        meta = {"format_version": FORMAT_VERSION, **lm.quant, "modules": modules, "kv": kv}
+        (tmp / "bitsmith.json").write_text(json.dumps(meta, indent=1))
+        if out.exists():
+            old = out.with_name(f".{out.name}.old{os.getpid()}")
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _read_meta(path: Path) -> dict:
+    try:
+        meta = json.loads((path / "bitsmith.json").read_text())
+    except (OSError, ValueError) as e:
+        raise BitsmithError(f"{path}/bitsmith.json is unreadable ({e}); re-run bitsmith quantize") from None
+    if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
+        raise BitsmithError(f"{path} was written by an incompatible bitsmith (format {meta.get('format_version')!r}); re-quantize it")
+    return meta
+
+
+def load_quantized(path: str | Path) -> LoadedModel:
+    """Load a folder written by :func:`save_quantized`; logits are bit-identical to the saved model's."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoTokenizer
+
+    path = Path(path)
+    meta = _read_meta(path)
+    try:
+        config = AutoConfig.from_pretrained(str(path), local_files_only=True)
+        tensors = load_file(str(path / WEIGHTS))
+    except (OSError, ValueError, SafetensorError) as e:
+        raise BitsmithError(f"{path} is damaged ({type(e).__name__}: {str(e).splitlines()[0]}); re-run bitsmith quantize") from None
+
+    def take(prefix: str) -> dict[str, torch.Tensor]:
+        keys = [k for k in tensors if k.startswith(prefix + ".")]
+        return {k[len(prefix) + 1 :]: tensors.pop(k) for k in keys}
+
+    quantized = {}
+    try:
+        for name, info in meta["modules"].items():
+            own = take(name)
+            packed = None
+            if info["weight"] is not None:
+                packed = PackedWeight.from_tensors(QuantSpec.from_dict(info["weight"]), tuple(info["shape"]), own)
+            if info["kind"] == "embedding":
+                quantized[name] = QuantEmbedding(packed, info.get("padding_idx"))
+            else:
+                weight = packed if packed is not None else own["weight"]
+                act = None if info["input"] is None else QuantSpec.from_dict(info["input"])
+                quantized[name] = QuantLinear(weight, own.get("bias"), act)
+    except (KeyError, TypeError, ValueError) as e:
+        raise BitsmithError(f"{path}: quantized tensors do not match bitsmith.json ({type(e).__name__}: {e}); re-run bitsmith quantize") from None
+
+    model = build_model(config, tensors.items(), replaced=quantized)
+    for name, module in quantized.items():
+        parent, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, attr, module)
+    adapter = adapter_for(model)
+    for name, spec in meta.get("kv", {}).items():
+        kvcache.install(model, [model.get_submodule(name)], kvcache.KVQuantizer(
+            spec["key"] and QuantSpec.from_dict(spec["key"]), spec["value"] and QuantSpec.from_dict(spec["value"])))
+    model.eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    return LoadedModel(model, tokenizer, meta.get("source", "?"), adapter, quant=meta)
+

@@ -1,0 +1,147 @@
+"""Uniform integer quantization (symmetric and asymmetric), as pure tensor functions.
+
+Every function works on a *grouped view*: a tensor whose last dimension holds the elements that
+share one scale (see :func:`group_view`). Codes are unsigned bytes in ``[0, 2**bits - 1]``;
+dequantization is ``(code - zero) * scale`` for both modes, with ``zero = 2**(bits-1)`` fixed in the
+symmetric case so it need not be stored.
+
+Symmetric scales map the largest magnitude onto ``2**(bits-1) - 1`` (so +-absmax are exact and the
+extra negative code is left for clipped groups); asymmetric scales map ``[min(x, 0), max(x, 0)]``
+onto the full code range. ``mse`` search shrinks that range by a grid of ratios and keeps, per
+group, the one with the least squared error (the clipping search of GPTQ/AWQ-style toolkits).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from bitsmith.errors import SpecError
+from bitsmith.spec import QuantSpec
+
+MSE_GRID = torch.linspace(1.0, 0.3, 36).tolist()
+_MIN_SCALE = {torch.float16: float(torch.finfo(torch.float16).tiny), torch.float32: 1e-10}
+
+
+@dataclass
+class IntCodes:
+    """Integer codes of a grouped tensor with their scales (and zero points when asymmetric)."""
+
+    codes: torch.Tensor  # uint8, grouped shape (..., n)
+    scale: torch.Tensor  # float32 values (exactly representable in the storage dtype), shape (..., 1)
+    zero: torch.Tensor | None  # uint8 zero points (..., 1), None when symmetric
+
+    def dequantize(self, spec: QuantSpec) -> torch.Tensor:
+        return dequantize(self.codes, self.scale, self.zero, spec)
+
+
+def group_view(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """View ``x`` so the last dimension holds the elements sharing one scale.
+
+    Weights are ``(out, in)``; activations ``(..., features)``; KV tensors are passed already
+    arranged with the head dimension last.
+    """
+    g = spec.granularity
+    if g == "tensor":
+        return x.reshape(1, -1)
+    if g == "channel":
+        return x.reshape(x.shape[0], -1)
+    size = spec.group_size
+    if size is None:  # token / head without sub-groups
+        return x
+    if x.shape[-1] % size:
+        raise SpecError(
+            f"spec '{spec}': group size {size} does not divide the dimension {x.shape[-1]}; "
+            f"pick a divisor of {x.shape[-1]} (e.g. g{_divisor_hint(x.shape[-1], size)})"
+        )
+    return x.reshape(*x.shape[:-1], x.shape[-1] // size, size)
+
+
+def _divisor_hint(n: int, size: int) -> int:
+    divisors = [d for d in range(1, n + 1) if n % d == 0]
+    return min(divisors, key=lambda d: (abs(d - size), d))
+
+
+def qrange(spec: QuantSpec) -> tuple[int, int]:
+    """Lowest and highest signed integer level of the grid (before adding the zero point)."""
+    if spec.symmetric:
+        return -(1 << (spec.bits - 1)), (1 << (spec.bits - 1)) - 1
+    return 0, (1 << spec.bits) - 1
+
+
+def _params_for_ratio(
+    xg: torch.Tensor, spec: QuantSpec, ratio: float, scale_dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and (float) zero point per group for a range shrunk by ``ratio``."""
+    bits = spec.bits
+    if spec.symmetric:
+        amax = xg.abs().amax(dim=-1, keepdim=True) * ratio
+        scale = amax / ((1 << (bits - 1)) - 1)
+        scale = scale.clamp_min(_MIN_SCALE[scale_dtype]).to(scale_dtype).float()
+        zero = torch.full_like(scale, float(1 << (bits - 1)))
+        return scale, zero
+    lo = xg.amin(dim=-1, keepdim=True).clamp_max(0) * ratio
+    hi = xg.amax(dim=-1, keepdim=True).clamp_min(0) * ratio
+    scale = ((hi - lo) / ((1 << bits) - 1)).clamp_min(_MIN_SCALE[scale_dtype]).to(scale_dtype).float()
+    zero = torch.round(-lo / scale).clamp(0, (1 << bits) - 1)
+    return scale, zero
+
+
+def _codes(xg: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+    return torch.clamp(torch.round(xg / scale) + zero, 0, (1 << bits) - 1)
+
+
+def choose_params(
+    xg: torch.Tensor, spec: QuantSpec, scale_dtype: torch.dtype = torch.float32
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero point per group, by min-max or by MSE-optimal clipping."""
+    xg = xg.float()
+    if spec.clip == "minmax":
+        return _params_for_ratio(xg, spec, spec.clip_ratio, scale_dtype)
+    best_err = best_scale = best_zero = None
+    for r in MSE_GRID:
+        scale, zero = _params_for_ratio(xg, spec, r * spec.clip_ratio, scale_dtype)
+        q = _codes(xg, scale, zero, spec.bits)
+        err = ((q - zero) * scale - xg).pow_(2).sum(dim=-1, keepdim=True)
+        if best_err is None:
+            best_err, best_scale, best_zero = err, scale, zero
+        else:
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best_scale = torch.where(better, scale, best_scale)
+            best_zero = torch.where(better, zero, best_zero)
+    return best_scale, best_zero
+
+
+def quantize(xg: torch.Tensor, spec: QuantSpec, scale_dtype: torch.dtype = torch.float16) -> IntCodes:
+    """Quantize a grouped tensor to codes; scales are rounded to ``scale_dtype`` first."""
+    scale, zero = choose_params(xg, spec, scale_dtype)
+    q = _codes(xg.float(), scale, zero, spec.bits).to(torch.uint8)
+    return IntCodes(q, scale, None if spec.symmetric else zero.to(torch.uint8))
+
+
+def quantize_with(xg: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, spec: QuantSpec) -> torch.Tensor:
+    """Codes of ``xg`` on a given grid (used by solvers that fix scales first)."""
+    z = _zero_tensor(scale, zero, spec)
+    return _codes(xg.float(), scale, z, spec.bits).to(torch.uint8)
+
+
+def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, spec: QuantSpec) -> torch.Tensor:
+    return (codes.float() - _zero_tensor(scale, zero, spec)) * scale
+
+
+def _zero_tensor(scale: torch.Tensor, zero: torch.Tensor | None, spec: QuantSpec) -> torch.Tensor:
+    if spec.symmetric:
+        return torch.full_like(scale, float(1 << (spec.bits - 1)))
+    if zero is None:
+        raise ValueError("asymmetric dequantization needs zero points")
+    return zero.float()
+
+
+def fake_quantize(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """Quantize and dequantize ``x`` in one go (dynamic activations, KV cache); fp32 scales."""
+    xg = group_view(x, spec).float()
+    scale, zero = choose_params(xg, spec, torch.float32)
+    out = (_codes(xg, scale, zero, spec.bits) - zero) * scale
+    return out.reshape(x.shape).to(x.dtype)

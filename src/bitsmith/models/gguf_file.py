@@ -1,0 +1,136 @@
+"""Read a GGUF file as a Hugging Face config plus float tensors, one tensor at a time.
+
+The ``gguf`` package parses the file (memory-mapped) and dequantizes its blocks; this module maps
+llama.cpp's tensor names and metadata onto the Hugging Face layout. llama.cpp's converter permutes
+the rows of the Llama q/k projections (interleaved rotary halves); they are permuted back here.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from bitsmith.errors import BitsmithError
+from bitsmith.models.adapter import check_supported
+
+# llama.cpp architecture name -> (Hugging Face model_type, q/k rows permuted by the converter)
+_ARCHS = {"llama": ("llama", True), "mistral": ("mistral", True), "qwen2": ("qwen2", False)}
+
+_BLOCK_NAMES = {
+    "attn_norm.weight": "input_layernorm.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+    "attn_q.weight": "self_attn.q_proj.weight",
+    "attn_k.weight": "self_attn.k_proj.weight",
+    "attn_v.weight": "self_attn.v_proj.weight",
+    "attn_q.bias": "self_attn.q_proj.bias",
+    "attn_k.bias": "self_attn.k_proj.bias",
+    "attn_v.bias": "self_attn.v_proj.bias",
+    "attn_output.weight": "self_attn.o_proj.weight",
+    "ffn_gate.weight": "mlp.gate_proj.weight",
+    "ffn_up.weight": "mlp.up_proj.weight",
+    "ffn_down.weight": "mlp.down_proj.weight",
+}
+_TOP_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+
+
+class GGUFModelFile:
+    """A GGUF checkpoint opened for reading; tensors are dequantized lazily."""
+
+    def __init__(self, path: str | Path) -> None:
+        import gguf
+
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise BitsmithError(f"GGUF file not found: {self.path}; check the path")
+        try:
+            self.reader = gguf.GGUFReader(str(self.path))
+        except Exception as e:  # the gguf parser raises many kinds on a damaged file
+            raise BitsmithError(f"{self.path} is not a readable GGUF file ({type(e).__name__}: {e}); re-download or re-export it") from None
+        arch = self._field("general.architecture")
+        if arch not in _ARCHS:
+            check_supported(str(arch))  # raises with the list of supported architectures
+            raise BitsmithError(f"GGUF architecture {arch!r} has no tensor mapping yet; supported: {', '.join(_ARCHS)}")
+        self.arch = arch
+        self.model_type, self._permuted_qk = _ARCHS[arch]
+        self.tensors = {t.name: t for t in self.reader.tensors}
+
+    def _field(self, key: str, default=None):
+        f = self.reader.fields.get(key)
+        if f is None:
+            return default
+        return f.contents()
+
+    def config(self):
+        """A Hugging Face config built from the GGUF metadata."""
+        from transformers import AutoConfig
+
+        a = self.arch
+        heads = int(self._field(f"{a}.attention.head_count"))
+        hidden = int(self._field(f"{a}.embedding_length"))
+        tokens = self._field("tokenizer.ggml.tokens")
+        vocab = int(self._field(f"{a}.vocab_size", len(tokens) if tokens is not None else 0))
+        kw = dict(
+            vocab_size=vocab,
+            hidden_size=hidden,
+            intermediate_size=int(self._field(f"{a}.feed_forward_length")),
+            num_hidden_layers=int(self._field(f"{a}.block_count")),
+            num_attention_heads=heads,
+            num_key_value_heads=int(self._field(f"{a}.attention.head_count_kv", heads)),
+            max_position_embeddings=int(self._field(f"{a}.context_length", 2048)),
+            rms_norm_eps=float(self._field(f"{a}.attention.layer_norm_rms_epsilon", 1e-6)),
+            rope_theta=float(self._field(f"{a}.rope.freq_base", 10000.0)),
+            tie_word_embeddings="output.weight" not in self.tensors,
+            bos_token_id=self._field("tokenizer.ggml.bos_token_id"),
+            eos_token_id=self._field("tokenizer.ggml.eos_token_id"),
+        )
+        head_dim = self._field(f"{a}.attention.key_length")
+        if head_dim is not None and int(head_dim) != hidden // heads:
+            kw["head_dim"] = int(head_dim)
+        return AutoConfig.for_model(self.model_type, **kw)
+
+    def hf_name(self, name: str) -> str | None:
+        if name in _TOP_NAMES:
+            return _TOP_NAMES[name]
+        m = re.fullmatch(r"blk\.(\d+)\.(.+)", name)
+        if m and m.group(2) in _BLOCK_NAMES:
+            return f"model.layers.{m.group(1)}.{_BLOCK_NAMES[m.group(2)]}"
+        return None
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """One tensor by its GGUF name, dequantized to fp32 in Hugging Face orientation."""
+        import gguf
+
+        t = self.tensors[name]
+        try:
+            arr = gguf.quants.dequantize(t.data, t.tensor_type)
+        except Exception as e:
+            raise BitsmithError(f"{self.path}: cannot decode tensor {name} of type {t.tensor_type.name} ({e})") from None
+        w = torch.from_numpy(np.array(arr, dtype=np.float32, copy=not arr.flags.writeable))
+        if self._permuted_qk and name.endswith(("attn_q.weight", "attn_k.weight")):
+            cfg_heads = int(self._field(f"{self.arch}.attention.head_count"))
+            kv_heads = int(self._field(f"{self.arch}.attention.head_count_kv", cfg_heads))
+            w = _unpermute(w, cfg_heads if "attn_q" in name else kv_heads)
+        return w
+
+    def iter_state_dict(self) -> Iterator[tuple[str, torch.Tensor]]:
+        for name in self.tensors:
+            hf = self.hf_name(name)
+            if hf is None:
+                if name.startswith("rope_freqs"):
+                    continue
+                raise BitsmithError(f"{self.path}: tensor {name!r} has no Hugging Face counterpart; unsupported GGUF layout")
+            yield hf, self.tensor(name)
+
+
+def _unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """Undo llama.cpp's interleaving of the rotary halves in q/k rows."""
+    rows = w.shape[0]
+    return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)

@@ -1,0 +1,42 @@
+"""Adapter for the Llama layout, shared by Llama, Mistral and Qwen2 (bias on q/k/v)."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from bitsmith.models.adapter import Adapter, register_adapter
+
+
+@register_adapter
+class LlamaAdapter(Adapter):
+    model_types = ("llama", "mistral", "qwen2")
+    linear_paths = {
+        "q": "self_attn.q_proj",
+        "k": "self_attn.k_proj",
+        "v": "self_attn.v_proj",
+        "o": "self_attn.o_proj",
+        "gate": "mlp.gate_proj",
+        "up": "mlp.up_proj",
+        "down": "mlp.down_proj",
+    }
+
+    def embeddings(self) -> nn.Module:
+        return self.model.model.embed_tokens
+
+    def set_embeddings(self, module: nn.Module) -> None:
+        self.model.model.embed_tokens = module
+
+    def blocks(self) -> list[nn.Module]:
+        return list(self.model.model.layers)
+
+    def final_norm(self) -> nn.Module:
+        return self.model.model.norm
+
+    def attention(self, block: nn.Module) -> nn.Module:
+        return block.self_attn
+
+    def input_norm(self, block: nn.Module) -> nn.Module:
+        return block.input_layernorm
+
+    def post_attention_norm(self, block: nn.Module) -> nn.Module:
+        return block.post_attention_layernorm

@@ -1,0 +1,57 @@
+"""Recipe steps by name: a recipe is data, a method is one file plus one ``@register_step``."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar
+
+from bitsmith.errors import SpecError
+
+_STEPS: dict[str, type["Step"]] = {}
+
+
+class Step:
+    """One recipe step. Subclasses are dataclasses whose fields are the step's YAML arguments."""
+
+    name: ClassVar[str] = ""
+
+    def apply(self, ctx) -> None:  # ctx: bitsmith.pipeline.Context
+        raise NotImplementedError
+
+
+def register_step(name: str):
+    def deco(cls: type[Step]) -> type[Step]:
+        if name in _STEPS:
+            raise RuntimeError(f"recipe step {name!r} registered twice")
+        cls.name = name
+        _STEPS[name] = cls
+        return cls
+
+    return deco
+
+
+def step_names() -> list[str]:
+    _load_builtin_steps()
+    return sorted(_STEPS)
+
+
+def make_step(name: str, args: dict[str, Any] | None) -> Step:
+    """Build a step from its recipe entry; unknown names and arguments fail here, naming them."""
+    _load_builtin_steps()
+    cls = _STEPS.get(name)
+    if cls is None:
+        raise SpecError(f"unknown recipe step {name!r}; known steps: {', '.join(sorted(_STEPS))}")
+    args = dict(args or {})
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in args:
+        if key not in fields:
+            raise SpecError(f"recipe step {name!r}: unknown argument {key!r}; arguments: {', '.join(fields) or 'none'}")
+    missing = [f for f, spec in fields.items() if f not in args and spec.default is dataclasses.MISSING and spec.default_factory is dataclasses.MISSING]
+    if missing:
+        raise SpecError(f"recipe step {name!r}: missing argument {missing[0]!r}")
+    return cls(**args)
+
+
+def _load_builtin_steps() -> None:
+    # Importing the modules runs their @register_step decorators.
+    from bitsmith.algorithms import activations, kv_cache, rtn  # noqa: F401

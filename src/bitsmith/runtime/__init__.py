@@ -1,0 +1,1 @@
+"""Quantized modules that keep the Hugging Face ``forward`` and ``generate`` working."""

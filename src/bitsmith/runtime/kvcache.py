@@ -1,0 +1,80 @@
+"""KV-cache quantization through a registered Hugging Face attention function.
+
+Keys are quantized after RoPE (what the cache stores) and values as projected, then attention runs
+on the dequantized tensors, in the same forward that fills the cache. Hooking the attention
+function rather than the cache class means the plain ``forward`` (perplexity) and ``generate``
+(with a cache) see the same quantization. Cached entries are re-quantized on later steps, which is
+exact: min-max quantization of an already-quantized vector reproduces it (MSE clipping may not, so
+the KV specs reject it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from bitsmith.errors import SpecError
+from bitsmith.formats import integer
+from bitsmith.spec import KV_GRANULARITIES, QuantSpec
+
+ATTN_NAME = "bitsmith_sdpa"
+
+
+@dataclass
+class KVQuantizer:
+    """Fake-quantizes keys and values of one attention module, shaped ``(batch, heads, seq, dim)``."""
+
+    key: QuantSpec | None
+    value: QuantSpec | None
+
+    def __post_init__(self) -> None:
+        for spec in (self.key, self.value):
+            if spec is None:
+                continue
+            spec.require(KV_GRANULARITIES, "the KV cache")
+            if spec.clip != "minmax":
+                raise SpecError(f"spec '{spec}': the KV cache supports min-max scales only (use a fixed r<ratio> to clip)")
+
+    @staticmethod
+    def _apply(x: torch.Tensor, spec: QuantSpec | None) -> torch.Tensor:
+        if spec is None:
+            return x
+        if spec.granularity == "head":
+            return integer.fake_quantize(x, spec)
+        b, h, s, d = x.shape  # per token across all heads
+        flat = x.transpose(1, 2).reshape(b, s, h * d)
+        return integer.fake_quantize(flat, spec).view(b, s, h, d).transpose(1, 2)
+
+    def __call__(self, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._apply(key, self.key), self._apply(value, self.value)
+
+
+def _attention(module: nn.Module, query, key, value, attention_mask, **kwargs):
+    hook = getattr(module, "bitsmith_kv", None)
+    if hook is not None:
+        key, value = hook(key, value)
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+AttentionInterface.register(ATTN_NAME, _attention)
+AttentionMaskInterface.register(ATTN_NAME, sdpa_mask)
+
+
+def install(model: nn.Module, attentions: list[nn.Module], quantizer: KVQuantizer) -> None:
+    """Attach ``quantizer`` to each attention module and route the model through the hook."""
+    for attn in attentions:
+        attn.bitsmith_kv = quantizer
+    use_hooked_attention(model)
+
+
+def use_hooked_attention(model: nn.Module) -> None:
+    model.config._attn_implementation = ATTN_NAME
+    for sub in model.modules():
+        cfg = getattr(sub, "config", None)
+        if cfg is not None and hasattr(cfg, "_attn_implementation"):
+            cfg._attn_implementation = ATTN_NAME

@@ -1,0 +1,96 @@
+"""Quantized drop-in replacements for ``nn.Linear`` and ``nn.Embedding``.
+
+They hold a :class:`PackedWeight` (what is saved) plus its dequantized fp32 copy as a non-persistent
+``weight`` buffer, so Hugging Face code that reads ``.weight`` keeps working and the forward pass
+costs the same as the float one. Activation quantization of the linear input is dynamic (scales
+from the live tensor) with the spec given.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bitsmith.formats import integer
+from bitsmith.runtime.qweight import PackedWeight
+from bitsmith.spec import QuantSpec
+
+
+class QuantLinear(nn.Module):
+    """Linear layer with an optionally quantized weight and optionally quantized input."""
+
+    def __init__(
+        self,
+        weight: torch.Tensor | PackedWeight,
+        bias: torch.Tensor | None = None,
+        act_spec: QuantSpec | None = None,
+    ) -> None:
+        super().__init__()
+        self.packed: PackedWeight | None = None
+        self.act_spec = act_spec
+        if isinstance(weight, PackedWeight):
+            self.set_packed(weight)
+        else:
+            self.weight = nn.Parameter(weight.detach(), requires_grad=False)
+        self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
+
+    def set_packed(self, packed: PackedWeight) -> None:
+        """Install a quantized weight, replacing whatever weight was there."""
+        if "weight" in self._parameters:
+            del self._parameters["weight"]
+        self.packed = packed
+        for name, t in packed.tensors().items():
+            self.register_buffer(name, t)
+        self.register_buffer("weight", packed.dequantize(), persistent=False)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, act_spec: QuantSpec | None = None) -> "QuantLinear":
+        if isinstance(linear, QuantLinear):
+            linear.act_spec = act_spec if act_spec is not None else linear.act_spec
+            return linear
+        return cls(linear.weight, linear.bias, act_spec)
+
+    @property
+    def in_features(self) -> int:
+        return self.weight.shape[1]
+
+    @property
+    def out_features(self) -> int:
+        return self.weight.shape[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.act_spec is not None:
+            x = integer.fake_quantize(x, self.act_spec)
+        return F.linear(x, self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        w = str(self.packed.spec) if self.packed is not None else "float"
+        a = str(self.act_spec) if self.act_spec is not None else "float"
+        return f"in={self.in_features}, out={self.out_features}, weight={w}, input={a}"
+
+
+class QuantEmbedding(nn.Module):
+    """Embedding table stored quantized per row (token) or per group of a row."""
+
+    def __init__(self, packed: PackedWeight, padding_idx: int | None = None) -> None:
+        super().__init__()
+        self.packed = packed
+        self.padding_idx = padding_idx
+        for name, t in packed.tensors().items():
+            self.register_buffer(name, t)
+        self.register_buffer("weight", packed.dequantize(), persistent=False)
+
+    @property
+    def num_embeddings(self) -> int:
+        return self.weight.shape[0]
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.weight.shape[1]
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, self.weight, self.padding_idx)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, weight={self.packed.spec}"

@@ -46,9 +46,15 @@ class FloatReference:
         self.path = path
         self.metrics = metrics  # float ppl and timing, measured when the cache was made
         self._logp = np.load(path, mmap_mode="r", allow_pickle=False)
+        self._argmax = np.load(_argmax_path(path), allow_pickle=False)
 
     def window(self, i: int) -> torch.Tensor:
+        """Float log-probabilities of window ``i`` (stored in fp16), shape (seq, vocab)."""
         return torch.from_numpy(np.asarray(self._logp[i], dtype=np.float32))
+
+    def argmax(self, i: int) -> torch.Tensor:
+        """The float model's top token at each position, taken before fp16 storage (exact)."""
+        return torch.from_numpy(self._argmax[i].astype(np.int64))
 
     @staticmethod
     def cache_path(cache: Path, source_key: str, protocol: Protocol) -> Path:
@@ -59,7 +65,7 @@ class FloatReference:
     def load_or_build(cls, path: Path, build_model, windows: torch.Tensor, progress: bool = True) -> "FloatReference":
         """Open the cache at ``path``; if absent, run ``build_model()`` once and write it atomically."""
         meta_path = path.with_suffix(".json")
-        if path.is_file() and meta_path.is_file():
+        if path.is_file() and meta_path.is_file() and _argmax_path(path).is_file():
             try:
                 return cls(path, json.loads(meta_path.read_text()))
             except (ValueError, OSError):
@@ -70,6 +76,7 @@ class FloatReference:
         n, seq = windows.shape
         vocab = None
         arr = None
+        top = np.zeros((n, seq), dtype=np.int32)
         nll, t0 = 0.0, time.perf_counter()
         with torch.inference_mode():
             for i in tqdm(range(n), desc="float reference", disable=not progress, leave=False):
@@ -78,16 +85,24 @@ class FloatReference:
                     vocab = logp.shape[-1]
                     arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(n, seq, vocab))
                 arr[i] = logp.to(torch.float16).numpy()
+                top[i] = logp.argmax(-1).numpy()
                 nll += -logp[:-1].gather(-1, windows[i, 1:, None]).sum().item()
         arr.flush()
         del arr
         seconds = time.perf_counter() - t0
         metrics = {"ppl": float(np.exp(nll / (n * (seq - 1)))), "seconds": seconds, "tokens_per_s": n * seq / seconds}
         os.replace(tmp, path)
+        tmp_top = path.with_name(f"{path.stem}.tmp{os.getpid()}.argmax.npy")
+        np.save(tmp_top, top)
+        os.replace(tmp_top, _argmax_path(path))
         tmp_meta = meta_path.with_name(meta_path.name + f".tmp{os.getpid()}")
         tmp_meta.write_text(json.dumps(metrics))
         os.replace(tmp_meta, meta_path)
         return cls(path, metrics)
+
+
+def _argmax_path(path: Path) -> Path:
+    return path.with_name(f"{path.stem}.argmax.npy")
 
 
 def evaluate_lm(model, windows: torch.Tensor, reference: FloatReference | None = None, progress: bool = True) -> dict:
@@ -102,7 +117,7 @@ def evaluate_lm(model, windows: torch.Tensor, reference: FloatReference | None =
             if reference is not None:
                 ref = reference.window(i)
                 kl += (ref.exp() * (ref - logp)).sum().item()
-                agree += (ref.argmax(-1) == logp.argmax(-1)).sum().item()
+                agree += (reference.argmax(i) == logp.argmax(-1)).sum().item()
     seconds = time.perf_counter() - t0
     out = {"ppl": float(np.exp(nll / (n * (seq - 1)))), "tokens_per_s": n * seq / seconds, "eval_seconds": seconds}
     if reference is not None:

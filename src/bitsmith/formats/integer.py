@@ -70,6 +70,16 @@ def qrange(spec: QuantSpec) -> tuple[int, int]:
     return 0, (1 << spec.bits) - 1
 
 
+def _store_scale(scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Round scales to their storage dtype, upwards, so the rounded grid still covers the range."""
+    scale = scale.clamp_min(_MIN_SCALE[dtype])
+    if dtype == torch.float32:
+        return scale
+    stored = scale.to(dtype)
+    up = torch.nextafter(stored, torch.tensor(float("inf"), dtype=dtype))
+    return torch.where(stored.float() < scale, up, stored).float()
+
+
 def _params_for_ratio(
     xg: torch.Tensor, spec: QuantSpec, ratio: float, scale_dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -78,12 +88,12 @@ def _params_for_ratio(
     if spec.symmetric:
         amax = xg.abs().amax(dim=-1, keepdim=True) * ratio
         scale = amax / ((1 << (bits - 1)) - 1)
-        scale = scale.clamp_min(_MIN_SCALE[scale_dtype]).to(scale_dtype).float()
+        scale = _store_scale(scale, scale_dtype)
         zero = torch.full_like(scale, float(1 << (bits - 1)))
         return scale, zero
     lo = xg.amin(dim=-1, keepdim=True).clamp_max(0) * ratio
     hi = xg.amax(dim=-1, keepdim=True).clamp_min(0) * ratio
-    scale = ((hi - lo) / ((1 << bits) - 1)).clamp_min(_MIN_SCALE[scale_dtype]).to(scale_dtype).float()
+    scale = _store_scale((hi - lo) / ((1 << bits) - 1), scale_dtype)
     zero = torch.round(-lo / scale).clamp(0, (1 << bits) - 1)
     return scale, zero
 

@@ -4,8 +4,8 @@ Keys are quantized after RoPE (what the cache stores) and values as projected, t
 on the dequantized tensors, in the same forward that fills the cache. Hooking the attention
 function rather than the cache class means the plain ``forward`` (perplexity) and ``generate``
 (with a cache) see the same quantization. Cached entries are re-quantized on later steps, which is
-exact: min-max quantization of an already-quantized vector reproduces it (MSE clipping may not, so
-the KV specs reject it).
+harmless: min-max quantization of an already-quantized vector lands on the same grid, up to float
+rounding of the scale (MSE clipping may not, so the KV specs reject it).
 """
 
 from __future__ import annotations

@@ -17,6 +17,18 @@ from bitsmith.runtime.qweight import PackedWeight
 from bitsmith.spec import QuantSpec
 
 
+def _install_packed(module: nn.Module, packed: PackedWeight) -> None:
+    """Store ``packed`` (persistent buffers) and its dequantized copy as the ``weight`` buffer."""
+    if "weight" in module._parameters:
+        del module._parameters["weight"]
+    for stale in ("qcodes", "qscale", "qzero"):
+        module._buffers.pop(stale, None)
+    module.packed = packed
+    for name, t in packed.tensors().items():
+        module.register_buffer(name, t)
+    module.register_buffer("weight", packed.dequantize(), persistent=False)
+
+
 class QuantLinear(nn.Module):
     """Linear layer with an optionally quantized weight and optionally quantized input."""
 
@@ -37,12 +49,7 @@ class QuantLinear(nn.Module):
 
     def set_packed(self, packed: PackedWeight) -> None:
         """Install a quantized weight, replacing whatever weight was there."""
-        if "weight" in self._parameters:
-            del self._parameters["weight"]
-        self.packed = packed
-        for name, t in packed.tensors().items():
-            self.register_buffer(name, t)
-        self.register_buffer("weight", packed.dequantize(), persistent=False)
+        _install_packed(self, packed)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, act_spec: QuantSpec | None = None) -> "QuantLinear":
@@ -75,11 +82,8 @@ class QuantEmbedding(nn.Module):
 
     def __init__(self, packed: PackedWeight, padding_idx: int | None = None) -> None:
         super().__init__()
-        self.packed = packed
         self.padding_idx = padding_idx
-        for name, t in packed.tensors().items():
-            self.register_buffer(name, t)
-        self.register_buffer("weight", packed.dequantize(), persistent=False)
+        _install_packed(self, packed)
 
     @property
     def num_embeddings(self) -> int:

@@ -95,7 +95,9 @@ def _read_meta(path: Path) -> dict:
         meta = json.loads((path / "bitsmith.json").read_text())
     except (OSError, ValueError) as e:
         raise BitsmithError(f"{path}/bitsmith.json is unreadable ({e}); re-run bitsmith quantize") from None
-    if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
+    if not isinstance(meta, dict):
+        raise BitsmithError(f"{path}/bitsmith.json is unreadable (not a JSON object); re-run bitsmith quantize")
+    if meta.get("format_version") != FORMAT_VERSION:
         raise BitsmithError(f"{path} was written by an incompatible bitsmith (format {meta.get('format_version')!r}); re-quantize it")
     return meta
 

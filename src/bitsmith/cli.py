@@ -40,8 +40,14 @@ def _tasks(value: str | None) -> list[str]:
     return list(TASKS) if value == "all" else [t.strip() for t in value.split(",") if t.strip()]
 
 
+def _check_json_target(path: str | None) -> None:
+    """Fail before the work, not after it, when the JSON report could not be written."""
+    if path and not Path(path).expanduser().parent.is_dir():
+        raise BitsmithError(f"cannot write the JSON report {path}: folder {Path(path).parent} does not exist; create it first")
+
+
 def _write_json(path: str, data) -> None:
-    p = Path(path)
+    p = Path(path).expanduser()
     tmp = p.with_name(f".{p.name}.tmp{os.getpid()}")
     tmp.write_text(json.dumps(data, indent=1))
     os.replace(tmp, p)
@@ -92,6 +98,7 @@ def eval_cmd(model, text, seq, windows, tasks, limit, json_path) -> None:
     """Perplexity, KL/top-1 against the float source, bits per weight, zero-shot accuracy."""
     from bitsmith import api
 
+    _check_json_target(json_path)
     report = api.evaluate(model, text=text, seq=seq, windows=windows, tasks=_tasks(tasks), limit=limit)
     _print_report(report)
     if json_path:
@@ -125,6 +132,7 @@ def compare(model, recipes, text, calib, seq, windows, tasks, limit, seed, json_
     from bitsmith import api
     from bitsmith.eval.report import format_table, protocol_line
 
+    _check_json_target(json_path)
     rows = api.compare(model, [r.strip() for r in recipes.split(",") if r.strip()], text=text, calib=calib,
                        seq=seq, windows=windows, tasks=_tasks(tasks), limit=limit, seed=seed)
     click.echo(f"model={model}  " + protocol_line(rows[0]))

@@ -82,4 +82,6 @@ def load_recipe(name_or_path: str | Path | dict) -> Recipe:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
         raise SpecError(f"recipe file {path} is not valid YAML ({str(e).splitlines()[0]})") from None
+    except UnicodeDecodeError:
+        raise SpecError(f"recipe file {path} is not UTF-8 text; save it as UTF-8") from None
     return from_dict(data, default_name=path.stem)

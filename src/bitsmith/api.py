@@ -38,15 +38,34 @@ def quantize(
     seed: int = 0,
     force: bool = False,
     progress: bool = True,
-) -> LoadedModel:
-    """Quantize ``model`` with ``recipe`` (in place if a LoadedModel is given); save to ``out`` if set."""
+    stream: bool = False,
+) -> LoadedModel | Path:
+    """Quantize ``model`` with ``recipe`` (in place if a LoadedModel is given); save to ``out`` if set.
+
+    ``stream=True`` reads the weights block by block from the model file and writes each quantized
+    block to ``out`` as soon as it is done, so peak memory is about one block plus the calibration
+    activations whatever the model's size; it returns the output folder (load it to use the model).
+    """
     rec = load_recipe(recipe)  # validate before the (slow) model load
     if out is not None and Path(out).exists() and not force:
         raise BitsmithError(f"output folder {out} already exists; choose another --out or pass --force")
+    text = get_text(calib, "calib")
+    if stream:
+        from bitsmith.checkpoint import CheckpointWriter
+        from bitsmith.models.load import load_model_streamed
+
+        if out is None:
+            raise BitsmithError("streamed quantization writes blocks as it goes; give an output folder (--out)")
+        if not isinstance(model, str):
+            raise BitsmithError("streamed quantization reads the model file itself; pass its name or path, not a loaded model")
+        lm = load_model_streamed(model)
+        with CheckpointWriter(out, force) as writer:
+            run_recipe(lm, rec, text, seed=seed, progress=progress, writer=writer)
+            return writer.commit(lm, rec.to_yaml())
     lm = _as_loaded(model)
     if lm.is_quantized:
         raise BitsmithError("model is already quantized; start from its float source")
-    run_recipe(lm, rec, get_text(calib, "calib"), seed=seed, progress=progress)
+    run_recipe(lm, rec, text, seed=seed, progress=progress)
     if out is not None:
         from bitsmith.checkpoint import save_quantized
 

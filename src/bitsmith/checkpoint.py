@@ -3,6 +3,7 @@
 Folder layout::
 
     model.safetensors   packed integer codes, fp16 scales, packed zero points, float tensors
+    model-blockNNNNN.safetensors  one shard per block when the model was streamed (``--stream``)
     bitsmith.json       format version, float source, recipe name, per-module quantization specs
     recipe.yaml         the recipe that produced it
     config.json, tokenizer files  (Hugging Face), so the architecture can be rebuilt offline
@@ -33,10 +34,10 @@ FORMAT_VERSION = 1
 WEIGHTS = "model.safetensors"
 
 
-def describe_modules(model: nn.Module) -> tuple[dict, dict]:
+def describe_modules(module: nn.Module, prefix: str = "") -> tuple[dict, dict]:
     """Per-module quantization metadata: (modules, kv) as stored in bitsmith.json."""
     modules, kv = {}, {}
-    for name, m in model.named_modules():
+    for name, m in module.named_modules(prefix=prefix):
         if isinstance(m, QuantLinear):
             modules[name] = {
                 "kind": "linear",
@@ -54,40 +55,80 @@ def describe_modules(model: nn.Module) -> tuple[dict, dict]:
     return modules, kv
 
 
-def save_quantized(lm: LoadedModel, out: str | Path, recipe_yaml: str, force: bool = False) -> Path:
-    """Write ``lm`` to ``out`` atomically; refuses to overwrite unless ``force``."""
-    from safetensors.torch import save_file
+class CheckpointWriter:
+    """Writes a quantized folder under a temporary name; ``commit`` renames it into place.
 
-    out = Path(out).expanduser()
-    if out.exists() and not force:
-        raise BitsmithError(f"output folder {out} already exists; choose another --out or pass --force")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    Blocks may be written one at a time as the pipeline finishes them (``write_block``, one
+    safetensors shard each), so a streamed model never has to be whole in memory; ``commit`` writes
+    whatever was not written yet into ``model.safetensors``. Use as a context manager: leaving it
+    with an error removes the temporary folder, so nothing half-written is ever left at ``out``.
+    """
+
+    def __init__(self, out: str | Path, force: bool = False) -> None:
+        self.out = Path(out).expanduser()
+        if self.out.exists() and not force:
+            raise BitsmithError(f"output folder {self.out} already exists; choose another --out or pass --force")
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = self.out.with_name(f".{self.out.name}.tmp{os.getpid()}")
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        self.tmp.mkdir()
+        self.modules: dict = {}
+        self.kv: dict = {}
+        self.written: set[str] = set()
+        self.shards = 0
+
+    def __enter__(self) -> "CheckpointWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def write_block(self, model: nn.Module, block: nn.Module) -> None:
+        from safetensors.torch import save_file
+
+        prefix = next(n for n, m in model.named_modules() if m is block)
+        modules, kv = describe_modules(block, prefix)
+        self.modules.update(modules)
+        self.kv.update(kv)
+        state = {f"{prefix}.{k}": v.contiguous() for k, v in block.state_dict().items()}
+        save_file(state, str(self.tmp / f"model-block{self.shards:05d}.safetensors"), metadata={"format": "bitsmith"})
+        self.shards += 1
+        self.written.update(state)
+
+    def commit(self, lm: LoadedModel, recipe_yaml: str) -> Path:
+        from safetensors.torch import save_file
+
         model = lm.model
-        modules, kv = describe_modules(model)
-        state = model.state_dict()
+        modules, kv = describe_modules(model)  # blocks written earlier were described (and released) then
+        self.modules = {**modules, **self.modules}
+        self.kv = {**kv, **self.kv}
+        state = {k: v for k, v in model.state_dict().items() if k not in self.written}
         if lm.adapter.tied_embeddings():
             state.pop("lm_head.weight", None)  # stored once, re-tied on load
-        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / WEIGHTS), metadata={"format": "bitsmith"})
-        model.config.to_json_file(str(tmp / "config.json"))
-        lm.tokenizer.save_pretrained(str(tmp))
-        (tmp / "recipe.yaml").write_text(recipe_yaml)
-        meta = {"format_version": FORMAT_VERSION, **lm.quant, "modules": modules, "kv": kv}
-        (tmp / "bitsmith.json").write_text(json.dumps(meta, indent=1))
-        if out.exists():
-            old = out.with_name(f".{out.name}.old{os.getpid()}")
-            os.replace(out, old)
-            os.replace(tmp, out)
+        meta_tensors = [k for k, v in state.items() if v.is_meta]
+        if meta_tensors:
+            raise BitsmithError(f"internal error: {meta_tensors[0]} was released before it was written")
+        save_file({k: v.contiguous() for k, v in state.items()}, str(self.tmp / WEIGHTS), metadata={"format": "bitsmith"})
+        model.config.to_json_file(str(self.tmp / "config.json"))
+        lm.tokenizer.save_pretrained(str(self.tmp))
+        (self.tmp / "recipe.yaml").write_text(recipe_yaml)
+        meta = {"format_version": FORMAT_VERSION, **lm.quant, "modules": self.modules, "kv": self.kv}
+        (self.tmp / "bitsmith.json").write_text(json.dumps(meta, indent=1))
+        if self.out.exists():
+            old = self.out.with_name(f".{self.out.name}.old{os.getpid()}")
+            os.replace(self.out, old)
+            os.replace(self.tmp, self.out)
             shutil.rmtree(old, ignore_errors=True)
         else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+            os.replace(self.tmp, self.out)
+        return self.out
+
+
+def save_quantized(lm: LoadedModel, out: str | Path, recipe_yaml: str, force: bool = False) -> Path:
+    """Write ``lm`` to ``out`` atomically; refuses to overwrite unless ``force``."""
+    with CheckpointWriter(out, force) as writer:
+        return writer.commit(lm, recipe_yaml)
 
 
 def _read_meta(path: Path) -> dict:
@@ -112,7 +153,9 @@ def load_quantized(path: str | Path) -> LoadedModel:
     meta = _read_meta(path)
     try:
         config = AutoConfig.from_pretrained(str(path), local_files_only=True)
-        tensors = load_file(str(path / WEIGHTS))
+        tensors = {}
+        for f in [path / WEIGHTS, *sorted(path.glob("model-block*.safetensors"))]:
+            tensors.update(load_file(str(f)))
     except (OSError, ValueError, SafetensorError) as e:
         raise BitsmithError(f"{path} is damaged ({type(e).__name__}: {str(e).splitlines()[0]}); re-run bitsmith quantize") from None
 

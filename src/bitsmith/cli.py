@@ -23,6 +23,7 @@ def _friendly(fn):
         try:
             return fn(*args, **kwargs)
         except BitsmithError as e:
+            _close_progress_bars()
             click.echo(f"error: {e}", err=True)
             sys.exit(2)
         except KeyboardInterrupt:
@@ -30,6 +31,14 @@ def _friendly(fn):
             sys.exit(130)
 
     return wrapper
+
+
+def _close_progress_bars() -> None:
+    """Clear bars an error left open, so the error line stands alone."""
+    from tqdm.auto import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
 
 
 def _tasks(value: str | None) -> list[str]:
@@ -73,16 +82,19 @@ def main() -> None:
 @click.option("--calib", type=click.Path(), help="calibration text file (default: built-in BoolQ passages, calibration half)")
 @click.option("--seed", default=0, show_default=True, help="seed for calibration sampling and any randomness")
 @click.option("--force", is_flag=True, help="replace --out if it exists")
+@click.option("--stream", is_flag=True,
+              help="read weights and write the result block by block: peak memory about one block, for models larger than RAM")
 @click.option("--eval/--no-eval", "do_eval", default=False, help="evaluate the result right away (default protocol)")
 @_friendly
-def quantize(model, recipe, out, calib, seed, force, do_eval) -> None:
+def quantize(model, recipe, out, calib, seed, force, stream, do_eval) -> None:
     """Quantize MODEL with RECIPE and save it to OUT."""
     from bitsmith import api
 
-    lm = api.quantize(model, recipe, out=out, calib=calib, seed=seed, force=force)
-    click.echo(f"saved {out}  (recipe {lm.quant['recipe']}, {lm.quant['quantize_seconds']:.1f} s)")
+    result = api.quantize(model, recipe, out=out, calib=calib, seed=seed, force=force, stream=stream)
+    meta = json.loads((Path(result) / "bitsmith.json").read_text()) if stream else result.quant
+    click.echo(f"saved {out}  (recipe {meta['recipe']}, {meta['quantize_seconds']:.1f} s)")
     if do_eval:
-        _print_report(api.evaluate(lm))
+        _print_report(api.evaluate(str(result) if stream else result))
 
 
 @main.command("eval")

@@ -1,17 +1,43 @@
-"""The recipe runner: applies a recipe's steps, in order, to a loaded model."""
+"""The recipe runner: applies a recipe's steps to a loaded model, block by block.
+
+Data-free recipes (RTN, activation and KV quantizers) rewrite each block in turn. A recipe with a
+calibrated step (GPTQ and later solvers) runs the calibration pipeline:
+
+1. the calibration windows go through the embeddings once; the inputs of block 0 are kept (in
+   chunks) together with the keyword arguments the model passes to its blocks (rotary tables, mask);
+2. for each block: the data-free steps rewrite it first (so solvers see the block as it will run),
+   then each residual branch ``h + body(norm(h))`` runs in two stages over all chunks: ``norm(h)``
+   feeds the Hessian of the linears that read it (q/k/v; gate/up), which are solved; then the body
+   runs with those *quantized* linears, with its closing linear (o; down) passed through, so its
+   inner activation feeds that linear's Hessian; it is solved and the branch output added to ``h``;
+3. the outputs of block ``i`` (computed by the quantized block) are the inputs of block ``i + 1``.
+
+Every matrix product of the block runs once ("true sequential" GPTQ without a second propagation
+pass), and the activations held are one block's: the hidden states plus one branch's inner
+activation, for all calibration tokens.
+"""
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Iterable, Iterator
 
 import torch
+from torch import nn
+from tqdm.auto import tqdm
 
+from bitsmith.algorithms.gptq import Hessian
+from bitsmith.checkpoint import CheckpointWriter
 from bitsmith.data.text import Text, calibration_batch
-from bitsmith.models import LoadedModel
+from bitsmith.errors import BitsmithError
+from bitsmith.models import LoadedModel, lazy
+from bitsmith.models.adapter import Adapter, Sublayer
 from bitsmith.recipes import Recipe
+from bitsmith.registry import Step
 
 DEFAULT_CALIBRATION = {"samples": 128, "seq": 512}
+CHUNK_TOKENS = 4096  # calibration tokens per forward call: bounds attention and MLP scratch memory
 
 
 @dataclass
@@ -39,14 +65,149 @@ class Context:
             ad.config.tie_word_embeddings = False
 
 
-def run_recipe(lm: LoadedModel, recipe: Recipe, calib_text: Text, seed: int = 0, progress: bool = True) -> float:
-    """Apply ``recipe`` to ``lm`` in place; returns the seconds it took."""
+def run_recipe(lm: LoadedModel, recipe: Recipe, calib_text: Text, seed: int = 0, progress: bool = True,
+               writer: CheckpointWriter | None = None) -> float:
+    """Apply ``recipe`` to ``lm`` in place; returns the seconds it took.
+
+    A streamed model (``lm.weights`` set) needs a ``writer``: each block's weights are read just
+    before the block is processed and dropped once the writer has it.
+    """
+    if lm.weights is not None and writer is None:
+        raise BitsmithError("a streamed model needs an output folder: its blocks are written as they are done")
     torch.manual_seed(seed)
     ctx = Context(lm, calib_text, seed, progress, {**DEFAULT_CALIBRATION, **recipe.calibration})
     t0 = time.perf_counter()
-    for step in recipe.steps:
-        step.apply(ctx)
+    with torch.no_grad():
+        if lm.weights is not None:
+            lazy.bound_heap_growth()
+            lazy.materialize_outside_blocks(lm.model, lm.adapter.blocks(), lm.weights)
+        calibrated = any(step.calibrated for step in recipe.steps)
+        blocks = _blocks(ctx, writer, "calibrated blocks" if calibrated else recipe.name)
+        if calibrated:
+            run_calibrated(ctx, recipe.steps, blocks)
+        else:
+            for block in blocks:
+                for step in recipe.steps:
+                    step.apply_block(ctx, block)
+        for step in recipe.steps:
+            step.finish(ctx)
+    ctx.untie_if_needed()
     seconds = time.perf_counter() - t0
     lm.quant = {"recipe": recipe.name, "source": lm.source, "seed": seed, "calib_text": calib_text.name,
+                "calibration": dict(ctx.calibration_settings) if ctx._calib is not None else None,
                 "quantize_seconds": seconds}
     return seconds
+
+
+def _blocks(ctx: Context, writer: CheckpointWriter | None, desc: str) -> Iterator[nn.Module]:
+    """The decoder blocks in order; a streamed model's block is read before and written and freed after."""
+    lm = ctx.lm
+    for block in tqdm(lm.adapter.blocks(), desc=desc, disable=not ctx.progress, leave=False):
+        if lm.weights is not None:
+            lazy.materialize(lm.model, block, lm.weights)
+        yield block
+        if lm.weights is not None:
+            writer.write_block(lm.model, block)
+            lazy.release(block)
+
+
+class _StopForward(Exception):
+    pass
+
+
+def capture_block_inputs(model: nn.Module, adapter: Adapter, tokens: torch.Tensor,
+                         chunk_tokens: int = CHUNK_TOKENS) -> tuple[list[torch.Tensor], list[dict]]:
+    """Hidden states entering block 0 and the keyword arguments the model gives its blocks, per chunk.
+
+    The model runs only up to block 0 (embeddings, rotary tables, mask), then stops.
+    """
+    per_chunk = max(1, chunk_tokens // tokens.shape[1])
+    hidden, kwargs = [], []
+
+    def catch(_module, args, kw):
+        hidden.append((args[0] if args else kw.pop("hidden_states")).detach().float().clone())
+        kw = {k: v for k, v in kw.items() if k != "hidden_states"}
+        kwargs.append(kw)
+        raise _StopForward
+
+    handle = adapter.blocks()[0].register_forward_pre_hook(catch, with_kwargs=True)
+    try:
+        for start in range(0, tokens.shape[0], per_chunk):
+            try:
+                model(input_ids=tokens[start : start + per_chunk], use_cache=False)
+            except _StopForward:
+                pass
+    finally:
+        handle.remove()
+    return hidden, kwargs
+
+
+class _PassThrough(nn.Module):
+    """Stands in for a branch's closing linear so the body returns that linear's input."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+def _first(out):
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _solve(steps: list[Step], linears: dict[str, nn.Module], hessian) -> dict[str, nn.Module]:
+    h = hessian.value()
+    for step in steps:
+        linears = {**linears, **step.solve(linears, h)}
+    return linears
+
+
+def run_block(adapter: Adapter, block: nn.Module, hidden: list[torch.Tensor], kwargs: list[dict],
+              solvers: list[Step]) -> None:
+    """Solve one block's linears branch by branch and advance ``hidden`` (in place) through it."""
+    for sub in adapter.sublayers(block):
+        sub: Sublayer
+        if solvers:
+            hess = Hessian(hidden[0].shape[-1])
+            for h in hidden:
+                hess.add(sub.norm(h))
+            linears = adapter.block_linears(block)
+            for role, module in _solve(solvers, {r: linears[r] for r in sub.inputs}, hess).items():
+                adapter.set_block_linear(block, role, module)
+        closing = adapter.block_linears(block)[sub.output]
+        adapter.set_block_linear(block, sub.output, _PassThrough())
+        try:
+            inner = []
+            hess = None
+            for h, kw in zip(hidden, kwargs):
+                x = sub.norm(h)
+                a = _first(sub.body(x, **kw) if sub.takes_block_kwargs else sub.body(x))
+                if solvers:
+                    if hess is None:
+                        hess = Hessian(a.shape[-1])
+                    hess.add(a)
+                inner.append(a)
+        finally:
+            adapter.set_block_linear(block, sub.output, closing)
+        if solvers:
+            closing = _solve(solvers, {sub.output: closing}, hess)[sub.output]
+            adapter.set_block_linear(block, sub.output, closing)
+        for h, a in zip(hidden, inner):
+            h.add_(closing(a))
+        del inner
+
+
+def run_calibrated(ctx: Context, steps: list[Step], blocks: Iterable[nn.Module] | None = None) -> None:
+    """The calibration pipeline (see the module docstring); ``finish`` of the steps is left to the caller."""
+    ad = ctx.lm.adapter
+    solvers = [s for s in steps if s.calibrated]
+    hidden, kwargs = capture_block_inputs(ctx.lm.model, ad, ctx.calibration())
+    for block in ad.blocks() if blocks is None else blocks:
+        for step in steps:
+            step.apply_block(ctx, block)
+        run_block(ad, block, hidden, kwargs, solvers)
+    head_solvers = [s for s in solvers if s.wants_lm_head()]
+    if head_solvers:
+        hess = Hessian(hidden[0].shape[-1])
+        for h in hidden:
+            hess.add(ad.final_norm()(h))
+        ad.set_lm_head(_solve(head_solvers, {"lm_head": ad.lm_head()}, hess)["lm_head"])
+    del hidden

@@ -11,12 +11,31 @@ _STEPS: dict[str, type["Step"]] = {}
 
 
 class Step:
-    """One recipe step. Subclasses are dataclasses whose fields are the step's YAML arguments."""
+    """One recipe step. Subclasses are dataclasses whose fields are the step's YAML arguments.
+
+    A step works block by block so the pipeline can stream a model through it: ``apply_block``
+    rewrites one decoder block without data, ``finish`` handles what lies outside the blocks
+    (embeddings, lm_head). A *calibrated* step (``calibrated = True``) instead gets ``solve`` calls
+    from the pipeline with a group of linears that share an input and that input's Hessian.
+    ``ctx`` is a :class:`bitsmith.pipeline.Context`.
+    """
 
     name: ClassVar[str] = ""
+    calibrated: ClassVar[bool] = False
 
-    def apply(self, ctx) -> None:  # ctx: bitsmith.pipeline.Context
+    def apply_block(self, ctx, block) -> None:
+        """Rewrite one decoder block (data-free steps)."""
+
+    def finish(self, ctx) -> None:
+        """Model-level work after the blocks."""
+
+    def solve(self, linears: dict[str, Any], hessian) -> dict[str, Any]:
+        """Calibrated steps: quantized replacements for ``linears`` (roles -> modules) given ``2XX^T/n``."""
         raise NotImplementedError
+
+    def wants_lm_head(self) -> bool:
+        """Calibrated steps: whether the pipeline should also ``solve`` the lm_head."""
+        return False
 
 
 def register_step(name: str):
@@ -54,4 +73,4 @@ def make_step(name: str, args: dict[str, Any] | None) -> Step:
 
 def _load_builtin_steps() -> None:
     # Importing the modules runs their @register_step decorators.
-    from bitsmith.algorithms import activations, kv_cache, rtn  # noqa: F401
+    from bitsmith.algorithms import activations, gptq, kv_cache, rtn  # noqa: F401

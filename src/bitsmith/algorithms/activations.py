@@ -18,10 +18,12 @@ class ActQuant(Step):
     def __post_init__(self) -> None:
         self.qspec = QuantSpec.coerce(self.spec).require(ACTIVATION_GRANULARITIES, "activations")
 
-    def apply(self, ctx) -> None:
+    def apply_block(self, ctx, block) -> None:
         ad = ctx.lm.adapter
-        for block in ad.blocks():
-            for role, linear in ad.block_linears(block).items():
-                ad.set_block_linear(block, role, QuantLinear.from_linear(linear, self.qspec))
+        for role, linear in ad.block_linears(block).items():
+            ad.set_block_linear(block, role, QuantLinear.from_linear(linear, self.qspec))
+
+    def finish(self, ctx) -> None:
+        ad = ctx.lm.adapter
         if self.lm_head:
             ad.set_lm_head(QuantLinear.from_linear(ad.lm_head(), self.qspec))

@@ -21,6 +21,5 @@ class KVQuant(Step):
             None if self.value is None else QuantSpec.coerce(self.value),
         )
 
-    def apply(self, ctx) -> None:
-        ad = ctx.lm.adapter
-        kvcache.install(ctx.lm.model, [ad.attention(b) for b in ad.blocks()], self.quantizer)
+    def apply_block(self, ctx, block) -> None:
+        kvcache.install(ctx.lm.model, [ctx.lm.adapter.attention(block)], self.quantizer)

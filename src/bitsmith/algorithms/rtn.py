@@ -9,8 +9,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from tqdm.auto import tqdm
-
 from bitsmith.registry import Step, register_step
 from bitsmith.runtime.modules import QuantEmbedding, QuantLinear
 from bitsmith.runtime.qweight import PackedWeight
@@ -34,11 +32,13 @@ class RTN(Step):
     def __post_init__(self) -> None:
         self.spec = QuantSpec.coerce(self.weights).require(WEIGHT_GRANULARITIES, "weights")
 
-    def apply(self, ctx) -> None:
+    def apply_block(self, ctx, block) -> None:
         ad = ctx.lm.adapter
-        for block in tqdm(ad.blocks(), desc="rtn", disable=not ctx.progress, leave=False):
-            for role, linear in ad.block_linears(block).items():
-                ad.set_block_linear(block, role, quantize_linear(linear, self.spec))
+        for role, linear in ad.block_linears(block).items():
+            ad.set_block_linear(block, role, quantize_linear(linear, self.spec))
+
+    def finish(self, ctx) -> None:
+        ad = ctx.lm.adapter
         if self.embeddings:
             emb = ad.embeddings()
             ad.set_embeddings(QuantEmbedding(PackedWeight.quantize(emb.weight, self.spec), emb.padding_idx))

@@ -7,6 +7,7 @@ small subclass registered by the Hugging Face ``model_type`` values it covers.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import ClassVar
 
 from torch import nn
@@ -14,6 +15,23 @@ from torch import nn
 from bitsmith.errors import BitsmithError
 
 _ADAPTERS: dict[str, type["Adapter"]] = {}
+
+
+@dataclass(frozen=True)
+class Sublayer:
+    """One residual branch of a pre-norm block: ``h = h + body(norm(h))``.
+
+    ``inputs`` are the roles of the linears that read ``norm(h)``; ``output`` is the role of the
+    linear that closes the branch (its input is the body's inner activation). The calibration
+    pipeline runs a block branch by branch so every linear is solved on inputs produced by the
+    already-quantized linears before it, with each matrix product computed once.
+    """
+
+    norm: nn.Module
+    body: nn.Module
+    inputs: tuple[str, ...]
+    output: str
+    takes_block_kwargs: bool  # attention needs position embeddings and the mask; the MLP does not
 
 
 class Adapter:
@@ -52,6 +70,10 @@ class Adapter:
     def block_linears(self, block: nn.Module) -> dict[str, nn.Module]:
         """The block's linear layers by role (q, k, v, o, gate, up, down)."""
         return {role: _get(block, path) for role, path in self.linear_paths.items()}
+
+    def sublayers(self, block: nn.Module) -> list[Sublayer]:
+        """The block's residual branches in order; together they equal ``block(h)`` exactly."""
+        raise NotImplementedError
 
     def set_block_linear(self, block: nn.Module, role: str, module: nn.Module) -> None:
         parent_path, _, attr = self.linear_paths[role].rpartition(".")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from bitsmith.models.adapter import Adapter, register_adapter
+from bitsmith.models.adapter import Adapter, Sublayer, register_adapter
 
 
 @register_adapter
@@ -40,3 +40,9 @@ class LlamaAdapter(Adapter):
 
     def post_attention_norm(self, block: nn.Module) -> nn.Module:
         return block.post_attention_layernorm
+
+    def sublayers(self, block: nn.Module) -> list[Sublayer]:
+        return [
+            Sublayer(block.input_layernorm, block.self_attn, ("q", "k", "v"), "o", True),
+            Sublayer(block.post_attention_layernorm, block.mlp, ("gate", "up"), "down", False),
+        ]

@@ -33,6 +33,7 @@ class LoadedModel:
     source: str  # the name the user gave, resolved ('default' stays 'default')
     adapter: Adapter
     quant: dict = field(default_factory=dict)  # bitsmith.json of a quantized folder, else empty
+    weights: Any = None  # a lazy.WeightSource when the model is streamed: parameters start on 'meta'
 
     @property
     def is_quantized(self) -> bool:
@@ -135,10 +136,8 @@ def load_gguf(path: Path):
     return model, _gguf_tokenizer(path)
 
 
-def load_hf_folder(path: Path):
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-    from transformers import AutoConfig, AutoTokenizer
+def _hf_config_and_files(path: Path):
+    from transformers import AutoConfig
 
     try:
         config = AutoConfig.from_pretrained(str(path), local_files_only=True)
@@ -150,6 +149,23 @@ def load_hf_folder(path: Path):
         if list(path.glob("*.bin")) or list(path.glob("*.pt")):
             raise BitsmithError(f"{path} holds only pickle weights (.bin/.pt), which bitsmith never loads; convert them to safetensors")
         raise BitsmithError(f"{path} has no *.safetensors weights")
+    return config, files
+
+
+def _hf_tokenizer(path: Path):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except Exception as e:  # tokenizers raise a variety of errors on missing/broken files
+        raise BitsmithError(f"{path}: no usable tokenizer ({type(e).__name__}); save one with tokenizer.save_pretrained({str(path)!r})") from None
+
+
+def load_hf_folder(path: Path):
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    config, files = _hf_config_and_files(path)
 
     def tensors():
         for f in files:
@@ -159,11 +175,7 @@ def load_hf_folder(path: Path):
                 raise BitsmithError(f"{f} is not a readable safetensors file ({e}); re-download or re-save it") from None
 
     model = build_model(config, tensors())
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-    except Exception as e:  # tokenizers raise a variety of errors on missing/broken files
-        raise BitsmithError(f"{path}: no usable tokenizer ({type(e).__name__}); save one with tokenizer.save_pretrained({str(path)!r})") from None
-    return model, tokenizer
+    return model, _hf_tokenizer(path)
 
 
 def load_model(name: str) -> LoadedModel:
@@ -176,3 +188,27 @@ def load_model(name: str) -> LoadedModel:
     model, tok = load_gguf(path) if kind == "gguf" else load_hf_folder(path)
     source = name if name == DEFAULT_MODEL else str(path.resolve())
     return LoadedModel(model, tok, source, adapter_for(model))
+
+
+def load_model_streamed(name: str) -> LoadedModel:
+    """The architecture of ``name`` with its parameters on the meta device and a reader for its weights.
+
+    The calibration pipeline reads each block's weights just before it works on the block and drops
+    them once the block is written, so peak memory is about one block, whatever the model size.
+    """
+    from bitsmith.models import lazy
+
+    kind, path = resolve(name)
+    if kind == "bitsmith":
+        raise BitsmithError(f"{path} is already quantized; start from its float source")
+    if kind == "gguf":
+        from bitsmith.models.gguf_file import GGUFModelFile
+
+        f = GGUFModelFile(path)
+        config, source, tok = f.config(), lazy.GGUFSource(f), _gguf_tokenizer(path)
+    else:
+        config, files = _hf_config_and_files(path)
+        source, tok = lazy.SafetensorsSource(files), _hf_tokenizer(path)
+    model = lazy.build_skeleton(config)
+    source_name = name if name == DEFAULT_MODEL else str(path.resolve())
+    return LoadedModel(model, tok, source_name, adapter_for(model), weights=source)

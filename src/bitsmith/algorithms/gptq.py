@@ -1,0 +1,264 @@
+"""GPTQ: second-order weight rounding, one column at a time (Frantar et al., arXiv 2210.17323).
+
+Each linear layer minimises ``||W X - Q X||^2`` over its calibration inputs ``X``. The Hessian of that
+loss is ``H = 2 X X^T / n``. Columns are rounded in order; the rounding error of a column is spread
+over the columns not yet rounded through the inverse Hessian (the Optimal Brain Surgeon update), so
+later columns absorb what earlier ones lost. As in the paper, the inverse Hessian is taken once by
+Cholesky (its upper factor gives every step's update row), updates are applied lazily in blocks of
+columns, dead inputs (zero diagonal) are dropped, and a dampening of ``damp * mean(diag H)`` keeps
+the factorisation stable; when it is not enough the dampening is raised and logged.
+
+Practices kept from "Gradient-Based Post-Training Quantization: Challenging the Status Quo"
+(GPTQ is robust to calibration choices; the quantization grid and its
+degrees of freedom matter most): act-order (columns with the largest Hessian diagonal first), group
+scales computed on the already-updated weights when a group starts, static groups (scales fixed
+from the original weights) when act-order would otherwise scatter groups, and MSE-searched scales
+for any integer spec of :mod:`bitsmith.spec`.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+import torch
+from torch import nn
+
+from bitsmith.errors import BitsmithError
+from bitsmith.formats import integer
+from bitsmith.registry import Step, register_step
+from bitsmith.runtime.modules import QuantLinear
+from bitsmith.runtime.qweight import PackedWeight
+from bitsmith.spec import WEIGHT_GRANULARITIES, QuantSpec
+
+log = logging.getLogger(__name__)
+
+
+class Hessian:
+    """Running ``2 X X^T / n`` of a layer input, fed chunk by chunk.
+
+    The sum is a symmetric rank-k update (BLAS ``syrk``, half the work of a full matrix product):
+    on the default model these Hessians cost as much as the calibration forward pass itself.
+    """
+
+    def __init__(self, dim: int) -> None:
+        self.upper = np.zeros((dim, dim), dtype=np.float32, order="F")
+        self.rows = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        from scipy.linalg.blas import ssyrk
+
+        x = x.detach().reshape(-1, x.shape[-1]).float().contiguous()
+        # x is row-major (n, d), so its numpy transpose is a column-major (d, n) matrix A: syrk forms A A^T.
+        self.upper = ssyrk(1.0, x.numpy().T, beta=1.0, c=self.upper, trans=0, lower=0, overwrite_c=1)
+        self.rows += x.shape[0]
+
+    def value(self) -> torch.Tensor:
+        if self.rows == 0:
+            raise BitsmithError("GPTQ got no calibration inputs; give the recipe a calibration set with samples >= 1")
+        upper = torch.from_numpy(np.triu(self.upper))
+        return (upper + upper.triu(1).T) * (2.0 / self.rows)
+
+
+def _grid(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero point (float, fp16-exact scales) for the columns of ``w`` sharing one grid."""
+    if spec.granularity == "tensor":
+        s, z = integer.choose_params(w.reshape(1, -1), spec, torch.float16)
+        return s.expand(w.shape[0], 1), z.expand(w.shape[0], 1)
+    return integer.choose_params(w, spec, torch.float16)
+
+
+def _round(col: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+    return torch.clamp(torch.round(col / scale) + zero, 0, (1 << bits) - 1)
+
+
+def _inverse_hessian_factor(h: torch.Tensor, damp: float) -> torch.Tensor:
+    """Upper triangular ``U`` with ``U^T U = (H + damp*mean(diag H)*I)^-1``.
+
+    Factor the reversed matrix, ``J H J = L L^T``; then ``H = R R^T`` with ``R = J L J`` upper
+    triangular, and ``U = R^-1``: one Cholesky and one triangular inverse. Raises the dampening
+    (and logs it) until the factorisation succeeds.
+    """
+    mean_diag = torch.diag(h).mean().item()
+    flipped = h.flip(0, 1)  # a copy; the damping below is added in place, on its (reversed) diagonal
+    d, added = damp, 0.0
+    for _ in range(8):
+        flipped.diagonal().add_(d * mean_diag - added)
+        added = d * mean_diag
+        l, info = torch.linalg.cholesky_ex(flipped)
+        if info.item() == 0:
+            eye = torch.eye(h.shape[0], dtype=h.dtype)
+            u = torch.linalg.solve_triangular(l.flip(0, 1), eye, upper=True)
+            if torch.isfinite(u).all():
+                if d != damp:
+                    log.warning("GPTQ: Hessian not positive definite at damp=%g; used damp=%g", damp, d)
+                return u
+        d = d * 10 if d > 0 else 1e-4
+    raise BitsmithError("GPTQ: the Hessian stays singular even with heavy dampening; the calibration inputs are degenerate (check for NaNs or constant inputs)")
+
+
+def gptq_quantize(
+    weight: torch.Tensor,
+    h: torch.Tensor,
+    spec: QuantSpec,
+    block_size: int = 128,
+    damp: float = 0.01,
+    act_order: bool = True,
+    static_groups: bool = False,
+) -> integer.IntCodes:
+    """GPTQ codes of ``weight`` (out, in) for the Hessian ``h`` (in, in), on ``spec``'s grid.
+
+    Returns codes in the grouped layout of :func:`bitsmith.formats.integer.group_view` with fp16-exact
+    scales, ready for :meth:`PackedWeight.from_codes`.
+    """
+    spec.require(WEIGHT_GRANULARITIES, "weights")
+    if not torch.isfinite(h).all():
+        raise BitsmithError("GPTQ: the calibration Hessian holds NaN or inf; the model produced non-finite activations")
+    w = weight.detach().float().clone()
+    rows, cols = w.shape
+    group = spec.group_size if spec.granularity == "group" else None
+    if group is not None:
+        integer.group_view(w, spec)  # raises a clear error when the group size does not divide
+    h = h.clone().double()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+
+    perm = torch.argsort(torch.diag(h), descending=True, stable=True) if act_order else torch.arange(cols)
+    static = group is not None and (static_groups or act_order)
+    # Grids fixed up front (per tensor/channel always; per group when static), one row per column.
+    if group is None:
+        scale, zero = _grid(w, spec)
+        col_scale, col_zero = scale.T.expand(cols, rows), zero.T.expand(cols, rows)
+    elif static:
+        gs, gz = integer.choose_params(w.view(rows, cols // group, group), spec, torch.float16)
+        col_scale = gs.expand(rows, cols // group, group).reshape(rows, cols).T
+        col_zero = gz.expand(rows, cols // group, group).reshape(rows, cols).T
+    else:
+        col_scale = torch.empty(cols, rows)
+        col_zero = torch.empty(cols, rows)
+    if group is None or static:
+        col_scale, col_zero = col_scale[perm].contiguous(), col_zero[perm].contiguous()
+
+    # Work on W^T so that a column of W is a contiguous row.
+    wt = w.T[perm].contiguous()
+    u = _inverse_hessian_factor(h[perm][:, perm], damp).float()
+    if group is not None and not static:  # groups must not straddle blocks so each is fully updated
+        block_size = max(group, block_size // group * group)
+    maxq = (1 << spec.bits) - 1
+    codes = torch.empty(cols, rows)
+    for i1 in range(0, cols, block_size):
+        i2 = min(i1 + block_size, cols)
+        w1 = wt[i1:i2]  # a view: updates land in wt
+        err1 = torch.empty(i2 - i1, rows)
+        u1 = u[i1:i2, i1:i2]
+        diag = torch.diagonal(u1).tolist()
+        for j in range(i2 - i1):
+            c = i1 + j
+            if group is not None and not static and c % group == 0:
+                s, z = integer.choose_params(w1[j : j + group].T, spec, torch.float16)
+                col_scale[c : c + group] = s.T
+                col_zero[c : c + group] = z.T
+            col, s, z = w1[j], col_scale[c], col_zero[c]
+            q = torch.round(col / s).add_(z).clamp_(0, maxq)
+            codes[c] = q
+            err = (col - (q - z) * s).div_(diag[j])
+            w1[j + 1 :].addr_(u1[j, j + 1 :], err, alpha=-1.0)
+            err1[j] = err
+        wt[i2:].addmm_(u[i1:i2, i2:].T, err1, alpha=-1.0)
+
+    inv = torch.argsort(perm)
+    return _as_int_codes(codes[inv].T, col_scale[inv].T, col_zero[inv].T, spec)
+
+
+def _as_int_codes(codes: torch.Tensor, col_scale: torch.Tensor, col_zero: torch.Tensor, spec: QuantSpec) -> integer.IntCodes:
+    rows, cols = codes.shape
+    gcodes = integer.group_view(codes, spec)
+    n = gcodes.shape[-1]
+    if spec.granularity == "tensor":
+        scale, zero = col_scale[:1, :1], col_zero[:1, :1]
+    else:
+        scale = col_scale.reshape(*gcodes.shape[:-1], n)[..., :1]
+        zero = col_zero.reshape(*gcodes.shape[:-1], n)[..., :1]
+    return integer.IntCodes(gcodes.to(torch.uint8), scale.contiguous(), None if spec.symmetric else zero.to(torch.uint8).contiguous())
+
+
+def gptq_reference(weight: torch.Tensor, h: torch.Tensor, spec: QuantSpec, damp: float = 0.01) -> torch.Tensor:
+    """Plain column-by-column GPTQ without act-order, blocks or Cholesky, in float64: the test oracle.
+
+    After rounding column ``j`` it applies the OBS update with the explicit inverse Hessian of the
+    remaining columns and then removes ``j`` from that inverse (Gaussian elimination). Returns codes
+    (out, in) as floats; grids as :func:`gptq_quantize` with ``act_order=False`` computes them.
+    """
+    w = weight.double().clone()
+    rows, cols = w.shape
+    h = h.double().clone()
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    h += damp * torch.diag(h).mean() * torch.eye(cols, dtype=h.dtype)
+    hinv = torch.linalg.inv(h)
+    group = spec.group_size if spec.granularity == "group" else None
+    if group is None:
+        s, z = _grid(w.float(), spec)
+    codes = torch.empty(rows, cols, dtype=torch.float64)
+    for j in range(cols):
+        if group is not None and j % group == 0:
+            s, z = integer.choose_params(w[:, j : j + group].float(), spec, torch.float16)
+        scale, zero = s[:, 0].double(), z[:, 0].double()
+        q = _round(w[:, j], scale, zero, spec.bits)
+        codes[:, j] = q
+        err = (w[:, j] - (q - zero) * scale) / hinv[j, j]
+        w[:, j:] -= err[:, None] * hinv[j, j:][None, :]
+        hinv = hinv - hinv[:, j : j + 1] @ hinv[j : j + 1, :] / hinv[j, j]
+    return codes
+
+
+@register_step("gptq")
+@dataclass
+class GPTQ(Step):
+    """Recipe step: GPTQ weights for every block linear (and the lm_head when asked)."""
+
+    weights: str | dict
+    block_size: int = 128
+    damp: float = 0.01
+    act_order: bool = True
+    static_groups: bool = False
+    lm_head: bool = False
+
+    calibrated: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        self.spec = QuantSpec.coerce(self.weights).require(WEIGHT_GRANULARITIES, "weights")
+        if isinstance(self.block_size, bool) or not isinstance(self.block_size, int) or self.block_size < 1:
+            raise BitsmithError(f"gptq: block_size {self.block_size!r} must be a positive integer")
+        if isinstance(self.damp, bool) or not isinstance(self.damp, (int, float)) or not 0 <= self.damp < 1:
+            raise BitsmithError(f"gptq: damp {self.damp!r} must be a number in [0, 1), e.g. 0.01")
+
+    def solve(self, linears: dict[str, nn.Module], hessian: torch.Tensor) -> dict[str, nn.Module]:
+        linears = {r: m for r, m in linears.items() if r != "lm_head" or self.lm_head}
+        if not linears:
+            return {}
+        # Rows are solved independently under one Hessian, so linears sharing an input (q/k/v,
+        # gate/up) go through one GPTQ pass; only a per-tensor grid couples rows.
+        batches = [[r] for r in linears] if self.spec.granularity == "tensor" else [list(linears)]
+        out = {}
+        for roles in batches:
+            weight = torch.cat([linears[r].weight for r in roles])
+            codes = gptq_quantize(weight, hessian, self.spec, self.block_size, self.damp,
+                                  self.act_order, self.static_groups)
+            start = 0
+            for r in roles:
+                rows = linears[r].weight.shape[0]
+                part = integer.IntCodes(codes.codes[start : start + rows], codes.scale[start : start + rows],
+                                        None if codes.zero is None else codes.zero[start : start + rows])
+                q = QuantLinear.from_linear(linears[r])
+                q.set_packed(PackedWeight.from_codes(part, self.spec, tuple(linears[r].weight.shape)))
+                out[r] = q
+                start += rows
+        return out
+
+    def wants_lm_head(self) -> bool:
+        return self.lm_head

@@ -1,0 +1,180 @@
+"""Streamed models: the architecture without its weights, and weights read one block at a time.
+
+This is what lets the pipeline quantize a model larger than RAM: the skeleton's parameters live on
+PyTorch's ``meta`` device (no memory); before block ``i`` is processed its tensors are read from the
+checkpoint (a memory-mapped safetensors or GGUF file), and once it is written out they are dropped.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+import torch
+from torch import nn
+
+from bitsmith.errors import BitsmithError
+
+
+class WeightSource:
+    """Random access to a checkpoint's float tensors by Hugging Face name."""
+
+    def names(self) -> list[str]:
+        raise NotImplementedError
+
+    def get(self, name: str) -> torch.Tensor:
+        raise NotImplementedError
+
+
+_ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+
+
+class SafetensorsSource(WeightSource):
+    """Reads one tensor at a time with plain file reads.
+
+    The safetensors layout is an 8-byte header length, a JSON header (dtype, shape and byte range of
+    each tensor), then the data. Reading a tensor's byte range directly, instead of memory-mapping
+    the whole file, keeps the process's private memory at the size of what it actually holds.
+    """
+
+    def __init__(self, files: list[Path]) -> None:
+        self._where: dict[str, tuple[Path, int, dict]] = {}
+        for f in files:
+            try:
+                with open(f, "rb") as fh:
+                    (size,) = struct.unpack("<Q", fh.read(8))
+                    if size > 100 * 2**20:
+                        raise ValueError("header larger than 100 MB")
+                    header = json.loads(fh.read(size))
+                for name, info in header.items():
+                    if name != "__metadata__":
+                        self._where[name] = (f, 8 + size, info)
+            except (OSError, ValueError, struct.error) as e:
+                raise BitsmithError(f"{f} is not a readable safetensors file ({e}); re-download or re-save it") from None
+
+    def names(self) -> list[str]:
+        return list(self._where)
+
+    def get(self, name: str) -> torch.Tensor:
+        path, base, info = self._where[name]
+        dtype = _ST_DTYPES.get(info.get("dtype"))
+        if dtype is None:
+            raise BitsmithError(f"{path}: tensor {name} has dtype {info.get('dtype')}; bitsmith reads float tensors only")
+        start, end = info["data_offsets"]
+        with open(path, "rb") as fh:
+            fh.seek(base + start)
+            data = bytearray(fh.read(end - start))
+        if len(data) != end - start:
+            raise BitsmithError(f"{path} is truncated (tensor {name}); re-download or re-save it")
+        return torch.frombuffer(data, dtype=dtype).reshape(info["shape"]).float()
+
+
+class GGUFSource(WeightSource):
+    def __init__(self, gguf_file) -> None:
+        self.file = gguf_file
+        self._gguf_name = {}
+        for name in gguf_file.tensors:
+            hf = gguf_file.hf_name(name)
+            if hf is not None:
+                self._gguf_name[hf] = name
+
+    def names(self) -> list[str]:
+        return list(self._gguf_name)
+
+    def get(self, name: str) -> torch.Tensor:
+        return self.file.tensor(self._gguf_name[name])
+
+
+def build_skeleton(config) -> nn.Module:
+    """The model for ``config`` with every parameter on the meta device (nothing allocated).
+
+    Buffers computed at construction (the rotary frequency table) cannot live on meta: the modules
+    holding them are built again on the CPU, from the config.
+    """
+    from transformers import AutoModelForCausalLM
+
+    from bitsmith.models.adapter import check_supported
+
+    check_supported(getattr(config, "model_type", "?"))
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    for name, module in list(model.named_modules()):
+        if any(b.is_meta for b in module.buffers(recurse=False)):
+            try:
+                rebuilt = type(module)(config=config)
+            except TypeError:
+                raise BitsmithError(f"{config.model_type}: cannot stream {name} ({type(module).__name__}); quantize without --stream") from None
+            parent, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, attr, rebuilt)
+    model.requires_grad_(False)
+    model.eval()
+    return model
+
+
+def module_prefix(model: nn.Module, module: nn.Module) -> str:
+    for name, m in model.named_modules():
+        if m is module:
+            return name
+    raise ValueError("module is not part of the model")
+
+
+def materialize(model: nn.Module, module: nn.Module, source: WeightSource) -> None:
+    """Read ``module``'s parameters from ``source`` (replacing meta tensors)."""
+    prefix = module_prefix(model, module)
+    for name, param in list(module.named_parameters()):
+        if not param.is_meta:
+            continue
+        full = f"{prefix}.{name}" if prefix else name
+        try:
+            t = source.get(full)
+        except KeyError:
+            raise BitsmithError(f"checkpoint has no tensor {full!r}; it does not match its config") from None
+        if tuple(t.shape) != tuple(param.shape):
+            raise BitsmithError(f"checkpoint tensor {full!r} has shape {tuple(t.shape)}, the config expects {tuple(param.shape)}")
+        owner_path, _, attr = name.rpartition(".")
+        owner = module.get_submodule(owner_path) if owner_path else module
+        setattr(owner, attr, nn.Parameter(t, requires_grad=False))
+
+
+def materialize_outside_blocks(model: nn.Module, blocks: list[nn.Module], source: WeightSource) -> None:
+    """Read every parameter that is not inside a block (embeddings, final norm, lm_head)."""
+    if getattr(model.config, "tie_word_embeddings", False):  # one tensor, stored once under the embedding's name
+        model.get_output_embeddings().weight = model.get_input_embeddings().weight
+    inside = {id(p) for b in blocks for p in b.parameters()}
+    for name, param in list(model.named_parameters()):
+        if param.is_meta and id(param) not in inside:
+            owner_path, _, attr = name.rpartition(".")
+            owner = model.get_submodule(owner_path)
+            try:
+                t = source.get(name)
+            except KeyError:
+                raise BitsmithError(f"checkpoint has no tensor {name!r}; it does not match its config") from None
+            setattr(owner, attr, nn.Parameter(t, requires_grad=False))
+    if getattr(model.config, "tie_word_embeddings", False):
+        model.get_output_embeddings().weight = model.get_input_embeddings().weight
+
+
+def bound_heap_growth() -> None:
+    """Stop glibc's heap from growing block after block while streaming.
+
+    glibc serves large allocations with mmap, but after one is freed it raises that threshold, so
+    the next ones of that size come from the brk heap, which fragmentation keeps from shrinking:
+    the process then grows by a Hessian or a weight copy per block although nothing stays alive.
+    A fixed threshold (128 KiB) returns every large buffer to the system when it is freed.
+    """
+    try:
+        import ctypes
+        import ctypes.util
+
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass  # not glibc: its allocator has its own policy
+
+
+def release(module: nn.Module) -> None:
+    """Drop ``module``'s tensors (parameters, buffers, packed weights) once it is written out."""
+    module.to("meta")
+    for m in module.modules():
+        if getattr(m, "packed", None) is not None:
+            m.packed = None

@@ -23,3 +23,16 @@ def test_zero_shot_on_default_model_beats_chance():
     assert t["piqa"]["acc_norm"] > 0.55  # chance is 0.5
     assert t["arc_easy"]["acc_norm"] > 0.35  # chance is about 0.25
     assert t["lambada"]["acc"] > 0.1
+
+
+def test_gptq_beats_rtn_on_default_model():
+    """GPTQ (small calibration set to keep CI time down) against RTN on the same 3-bit grid."""
+    spec = "int3:g64:asym:mse"
+    calib = {"samples": 16, "seq": 256}
+    rows = {}
+    for name, step in [("rtn", {"rtn": {"weights": spec}}), ("gptq", {"gptq": {"weights": spec}})]:
+        lm = bitsmith.quantize("default", {"name": name, "calibration": calib, "steps": [step]}, progress=False)
+        rows[name] = bitsmith.evaluate(lm, seq=256, windows=4, progress=False)
+    assert rows["gptq"]["ppl"] < 0.8 * rows["rtn"]["ppl"]
+    assert rows["gptq"]["kl"] < 0.7 * rows["rtn"]["kl"]
+    assert rows["gptq"]["bpw"] == rows["rtn"]["bpw"]

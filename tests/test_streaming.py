@@ -116,7 +116,7 @@ def test_failed_stream_leaves_no_output(tiny_llama, tmp_path, monkeypatch):
 
 CAPPED = textwrap.dedent("""
     import resource, sys
-    import numpy as np, scipy.linalg.blas, torch
+    import torch
     import bitsmith
     # Warm up every code path on a tiny model first: library buffers (BLAS, thread pools) are
     # allocated once per process and are not what the cap is about.

@@ -32,7 +32,7 @@ from bitsmith.checkpoint import CheckpointWriter
 from bitsmith.data.text import Text, calibration_batch
 from bitsmith.errors import BitsmithError
 from bitsmith.models import LoadedModel, lazy
-from bitsmith.models.adapter import Adapter, Sublayer
+from bitsmith.models.adapter import Adapter
 from bitsmith.recipes import Recipe
 from bitsmith.registry import Step
 
@@ -164,7 +164,6 @@ def run_block(adapter: Adapter, block: nn.Module, hidden: list[torch.Tensor], kw
               solvers: list[Step]) -> None:
     """Solve one block's linears branch by branch and advance ``hidden`` (in place) through it."""
     for sub in adapter.sublayers(block):
-        sub: Sublayer
         if solvers:
             hess = Hessian(hidden[0].shape[-1])
             for h in hidden:

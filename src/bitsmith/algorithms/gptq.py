@@ -22,7 +22,6 @@ import logging
 from dataclasses import dataclass
 from typing import ClassVar
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -39,26 +38,29 @@ log = logging.getLogger(__name__)
 class Hessian:
     """Running ``2 X X^T / n`` of a layer input, fed chunk by chunk.
 
-    The sum is a symmetric rank-k update (BLAS ``syrk``, half the work of a full matrix product):
-    on the default model these Hessians cost as much as the calibration forward pass itself.
+    On the default model these products cost as much as the calibration forward pass itself, so
+    only the upper triangle is formed, in three row strips (about a third less work than the full
+    product); ``value`` mirrors it.
     """
 
+    STRIPS = 3
+
     def __init__(self, dim: int) -> None:
-        self.upper = np.zeros((dim, dim), dtype=np.float32, order="F")
+        self.sum = torch.zeros(dim, dim, dtype=torch.float32)
         self.rows = 0
 
     def add(self, x: torch.Tensor) -> None:
-        from scipy.linalg.blas import ssyrk
-
-        x = x.detach().reshape(-1, x.shape[-1]).float().contiguous()
-        # x is row-major (n, d), so its numpy transpose is a column-major (d, n) matrix A: syrk forms A A^T.
-        self.upper = ssyrk(1.0, x.numpy().T, beta=1.0, c=self.upper, trans=0, lower=0, overwrite_c=1)
+        x = x.detach().reshape(-1, x.shape[-1]).float()
+        dim = x.shape[1]
+        step = -(-dim // self.STRIPS)
+        for i in range(0, dim, step):
+            self.sum[i : i + step, i:].addmm_(x[:, i : i + step].T, x[:, i:])
         self.rows += x.shape[0]
 
     def value(self) -> torch.Tensor:
         if self.rows == 0:
             raise BitsmithError("GPTQ got no calibration inputs; give the recipe a calibration set with samples >= 1")
-        upper = torch.from_numpy(np.triu(self.upper))
+        upper = self.sum.triu()
         return (upper + upper.triu(1).T) * (2.0 / self.rows)
 
 

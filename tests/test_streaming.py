@@ -160,3 +160,16 @@ def test_quantizes_under_a_memory_cap_smaller_than_the_model(tiny_llama, tmp_pat
     in_memory = run("full")
     assert in_memory.returncode != 0 and "memory" in in_memory.stderr.lower()
     assert not (tmp_path / "out-full").exists()
+
+
+def test_cli_stream_flag(tiny_llama, tmp_path):
+    from test_cli import invoke
+
+    folder, _ = tiny_llama
+    out = tmp_path / "s"
+    result = invoke("quantize", "--model", folder, "--recipe", "w4a16-g64", "--out", out, "--stream")
+    assert result.exit_code == 0, result.output
+    assert f"saved {out}" in result.stdout and "recipe w4a16-g64" in result.stdout
+    assert (out / "model-block00001.safetensors").is_file()
+    missing = invoke("quantize", "--model", tmp_path / "nope", "--recipe", "w4a16-g64", "--out", tmp_path / "t", "--stream")
+    assert missing.exit_code == 2 and "not found" in missing.stderr

@@ -24,6 +24,7 @@ from torch import nn
 
 from bitsmith.errors import BitsmithError
 from bitsmith.models import LoadedModel, adapter_for
+from bitsmith.models.lazy import module_prefix
 from bitsmith.models.load import build_model
 from bitsmith.runtime import kvcache
 from bitsmith.runtime.modules import QuantEmbedding, QuantLinear
@@ -87,7 +88,7 @@ class CheckpointWriter:
     def write_block(self, model: nn.Module, block: nn.Module) -> None:
         from safetensors.torch import save_file
 
-        prefix = next(n for n, m in model.named_modules() if m is block)
+        prefix = module_prefix(model, block)
         modules, kv = describe_modules(block, prefix)
         self.modules.update(modules)
         self.kv.update(kv)

@@ -2,7 +2,7 @@
 
 This is what lets the pipeline quantize a model larger than RAM: the skeleton's parameters live on
 PyTorch's ``meta`` device (no memory); before block ``i`` is processed its tensors are read from the
-checkpoint (a memory-mapped safetensors or GGUF file), and once it is written out they are dropped.
+checkpoint (safetensors byte ranges, or a memory-mapped GGUF file), and once it is written out they are dropped.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import struct
 from pathlib import Path
+
 import torch
 from torch import nn
 
@@ -18,9 +19,6 @@ from bitsmith.errors import BitsmithError
 
 class WeightSource:
     """Random access to a checkpoint's float tensors by Hugging Face name."""
-
-    def names(self) -> list[str]:
-        raise NotImplementedError
 
     def get(self, name: str) -> torch.Tensor:
         raise NotImplementedError
@@ -52,9 +50,6 @@ class SafetensorsSource(WeightSource):
             except (OSError, ValueError, struct.error) as e:
                 raise BitsmithError(f"{f} is not a readable safetensors file ({e}); re-download or re-save it") from None
 
-    def names(self) -> list[str]:
-        return list(self._where)
-
     def get(self, name: str) -> torch.Tensor:
         path, base, info = self._where[name]
         dtype = _ST_DTYPES.get(info.get("dtype"))
@@ -77,9 +72,6 @@ class GGUFSource(WeightSource):
             hf = gguf_file.hf_name(name)
             if hf is not None:
                 self._gguf_name[hf] = name
-
-    def names(self) -> list[str]:
-        return list(self._gguf_name)
 
     def get(self, name: str) -> torch.Tensor:
         return self.file.tensor(self._gguf_name[name])
@@ -118,39 +110,38 @@ def module_prefix(model: nn.Module, module: nn.Module) -> str:
     raise ValueError("module is not part of the model")
 
 
+def _read_parameter(root: nn.Module, name: str, full_name: str, source: WeightSource) -> None:
+    """Replace the meta parameter ``name`` of ``root`` by the tensor ``full_name`` of ``source``."""
+    owner_path, _, attr = name.rpartition(".")
+    owner = root.get_submodule(owner_path) if owner_path else root
+    expected = tuple(getattr(owner, attr).shape)
+    try:
+        t = source.get(full_name)
+    except KeyError:
+        raise BitsmithError(f"checkpoint has no tensor {full_name!r}; it does not match its config") from None
+    if tuple(t.shape) != expected:
+        raise BitsmithError(f"checkpoint tensor {full_name!r} has shape {tuple(t.shape)}, the config expects {expected}")
+    setattr(owner, attr, nn.Parameter(t, requires_grad=False))
+
+
 def materialize(model: nn.Module, module: nn.Module, source: WeightSource) -> None:
     """Read ``module``'s parameters from ``source`` (replacing meta tensors)."""
     prefix = module_prefix(model, module)
     for name, param in list(module.named_parameters()):
-        if not param.is_meta:
-            continue
-        full = f"{prefix}.{name}" if prefix else name
-        try:
-            t = source.get(full)
-        except KeyError:
-            raise BitsmithError(f"checkpoint has no tensor {full!r}; it does not match its config") from None
-        if tuple(t.shape) != tuple(param.shape):
-            raise BitsmithError(f"checkpoint tensor {full!r} has shape {tuple(t.shape)}, the config expects {tuple(param.shape)}")
-        owner_path, _, attr = name.rpartition(".")
-        owner = module.get_submodule(owner_path) if owner_path else module
-        setattr(owner, attr, nn.Parameter(t, requires_grad=False))
+        if param.is_meta:
+            _read_parameter(module, name, f"{prefix}.{name}" if prefix else name, source)
 
 
 def materialize_outside_blocks(model: nn.Module, blocks: list[nn.Module], source: WeightSource) -> None:
     """Read every parameter that is not inside a block (embeddings, final norm, lm_head)."""
-    if getattr(model.config, "tie_word_embeddings", False):  # one tensor, stored once under the embedding's name
+    tied = getattr(model.config, "tie_word_embeddings", False)
+    if tied:  # share one meta parameter first, so the loop reads it once, under the embedding's name
         model.get_output_embeddings().weight = model.get_input_embeddings().weight
     inside = {id(p) for b in blocks for p in b.parameters()}
     for name, param in list(model.named_parameters()):
         if param.is_meta and id(param) not in inside:
-            owner_path, _, attr = name.rpartition(".")
-            owner = model.get_submodule(owner_path)
-            try:
-                t = source.get(name)
-            except KeyError:
-                raise BitsmithError(f"checkpoint has no tensor {name!r}; it does not match its config") from None
-            setattr(owner, attr, nn.Parameter(t, requires_grad=False))
-    if getattr(model.config, "tie_word_embeddings", False):
+            _read_parameter(model, name, name, source)
+    if tied:  # reading replaced the embedding's parameter: tie the head to the real one
         model.get_output_embeddings().weight = model.get_input_embeddings().weight
 
 

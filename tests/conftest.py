@@ -46,15 +46,19 @@ def save_tiny(folder: Path, model, tokenizer=None) -> Path:
     return folder
 
 
+def _tiny_model(config_cls, model_cls, seed: int, tied: bool):
+    torch.manual_seed(seed)
+    cfg = config_cls(vocab_size=TINY_VOCAB, tie_word_embeddings=tied, bos_token_id=1, eos_token_id=2,
+                     initializer_range=0.1, **TINY_DIMS)
+    return model_cls(cfg).eval()
+
+
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory):
     """(folder, float model): a seeded random 2-block Llama with tied embeddings, saved as safetensors."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=TINY_VOCAB, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2,
-                      initializer_range=0.1, **TINY_DIMS)
-    model = LlamaForCausalLM(cfg).eval()
+    model = _tiny_model(LlamaConfig, LlamaForCausalLM, seed=0, tied=True)
     return save_tiny(tmp_path_factory.mktemp("tiny-llama"), model), model
 
 
@@ -63,10 +67,7 @@ def tiny_qwen2(tmp_path_factory):
     """(folder, float model): a seeded random 2-block Qwen2 (q/k/v biases, untied lm_head)."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    torch.manual_seed(1)
-    cfg = Qwen2Config(vocab_size=TINY_VOCAB, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
-                      initializer_range=0.1, **TINY_DIMS)
-    model = Qwen2ForCausalLM(cfg).eval()
+    model = _tiny_model(Qwen2Config, Qwen2ForCausalLM, seed=1, tied=False)
     with torch.no_grad():  # random init leaves biases at zero; make them matter
         for layer in model.model.layers:
             for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):

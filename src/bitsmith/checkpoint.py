@@ -28,6 +28,7 @@ from bitsmith.models.lazy import module_prefix
 from bitsmith.models.load import build_model
 from bitsmith.runtime import kvcache
 from bitsmith.runtime.modules import QuantEmbedding, QuantLinear
+from bitsmith.runtime.online import build_transform
 from bitsmith.runtime.qweight import PackedWeight
 from bitsmith.spec import QuantSpec
 
@@ -46,13 +47,14 @@ def describe_modules(module: nn.Module, prefix: str = "") -> tuple[dict, dict]:
                 "shape": list(m.weight.shape),
                 "bias": m.bias is not None,
                 "input": None if m.act_spec is None else m.act_spec.to_dict(),
+                "transform": None if m.input_transform is None else m.input_transform.describe(),
             }
         elif isinstance(m, QuantEmbedding):
             modules[name] = {"kind": "embedding", "weight": m.packed.spec.to_dict(), "shape": list(m.weight.shape),
                              "padding_idx": m.padding_idx}
         hook = getattr(m, "bitsmith_kv", None)
         if hook is not None:
-            kv[name] = {"key": hook.key and hook.key.to_dict(), "value": hook.value and hook.value.to_dict()}
+            kv[name] = hook.describe()
     return modules, kv
 
 
@@ -176,8 +178,13 @@ def load_quantized(path: str | Path) -> LoadedModel:
             else:
                 weight = packed if packed is not None else own["weight"]
                 act = None if info["input"] is None else QuantSpec.from_dict(info["input"])
-                quantized[name] = QuantLinear(weight, own.get("bias"), act)
-    except (KeyError, TypeError, ValueError) as e:
+                transform = None
+                if info.get("transform") is not None:
+                    transform = build_transform(info["transform"])
+                    transform.load_state_dict(
+                        {k[len("input_transform."):]: v for k, v in own.items() if k.startswith("input_transform.")})
+                quantized[name] = QuantLinear(weight, own.get("bias"), act, transform)
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
         raise BitsmithError(f"{path}: quantized tensors do not match bitsmith.json ({type(e).__name__}: {e}); re-run bitsmith quantize") from None
 
     model = build_model(config, tensors.items(), replaced=quantized)
@@ -185,9 +192,8 @@ def load_quantized(path: str | Path) -> LoadedModel:
         parent, _, attr = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, attr, module)
     adapter = adapter_for(model)
-    for name, spec in meta.get("kv", {}).items():
-        kvcache.install(model, [model.get_submodule(name)], kvcache.KVQuantizer(
-            spec["key"] and QuantSpec.from_dict(spec["key"]), spec["value"] and QuantSpec.from_dict(spec["value"])))
+    for name, info in meta.get("kv", {}).items():
+        kvcache.install(model, [model.get_submodule(name)], kvcache.KVQuantizer.from_description(info))
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     return LoadedModel(model, tokenizer, meta.get("source", "?"), adapter, quant=meta)

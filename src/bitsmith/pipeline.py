@@ -81,6 +81,8 @@ def run_recipe(lm: LoadedModel, recipe: Recipe, calib_text: Text, seed: int = 0,
         if lm.weights is not None:
             lazy.bound_heap_growth()
             lazy.materialize_outside_blocks(lm.model, lm.adapter.blocks(), lm.weights)
+        for step in recipe.steps:
+            step.prepare(ctx)
         calibrated = any(step.calibrated for step in recipe.steps)
         blocks = _blocks(ctx, writer, "calibrated blocks" if calibrated else recipe.name)
         if calibrated:
@@ -153,6 +155,12 @@ def _first(out):
     return out[0] if isinstance(out, tuple) else out
 
 
+def _weight_input(linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """What ``linear``'s weight multiplies: ``x`` after the linear's online transform, if it has one."""
+    transform = getattr(linear, "transform_input", None)
+    return x if transform is None else transform(x)
+
+
 def _solve(steps: list[Step], linears: dict[str, nn.Module], hessian) -> dict[str, nn.Module]:
     h = hessian.value()
     for step in steps:
@@ -165,10 +173,11 @@ def run_block(adapter: Adapter, block: nn.Module, hidden: list[torch.Tensor], kw
     """Solve one block's linears branch by branch and advance ``hidden`` (in place) through it."""
     for sub in adapter.sublayers(block):
         if solvers:
+            linears = adapter.block_linears(block)
+            first = linears[sub.inputs[0]]
             hess = Hessian(hidden[0].shape[-1])
             for h in hidden:
-                hess.add(sub.norm(h))
-            linears = adapter.block_linears(block)
+                hess.add(_weight_input(first, sub.norm(h)))
             for role, module in _solve(solvers, {r: linears[r] for r in sub.inputs}, hess).items():
                 adapter.set_block_linear(block, role, module)
         closing = adapter.block_linears(block)[sub.output]
@@ -180,9 +189,10 @@ def run_block(adapter: Adapter, block: nn.Module, hidden: list[torch.Tensor], kw
                 x = sub.norm(h)
                 a = _first(sub.body(x, **kw) if sub.takes_block_kwargs else sub.body(x))
                 if solvers:
+                    a_in = _weight_input(closing, a)
                     if hess is None:
-                        hess = Hessian(a.shape[-1])
-                    hess.add(a)
+                        hess = Hessian(a_in.shape[-1])
+                    hess.add(a_in)
                 inner.append(a)
         finally:
             adapter.set_block_linear(block, sub.output, closing)

@@ -13,8 +13,9 @@ _STEPS: dict[str, type["Step"]] = {}
 class Step:
     """One recipe step. Subclasses are dataclasses whose fields are the step's YAML arguments.
 
-    A step works block by block so the pipeline can stream a model through it: ``apply_block``
-    rewrites one decoder block without data, ``finish`` handles what lies outside the blocks
+    A step works block by block so the pipeline can stream a model through it: ``prepare`` runs
+    first on what lies outside the blocks (before any calibration data flows), ``apply_block``
+    rewrites one decoder block without data, ``finish`` handles the outside parts at the end
     (embeddings, lm_head). A *calibrated* step (``calibrated = True``) instead gets ``solve`` calls
     from the pipeline with a group of linears that share an input and that input's Hessian.
     ``ctx`` is a :class:`bitsmith.pipeline.Context`.
@@ -22,6 +23,9 @@ class Step:
 
     name: ClassVar[str] = ""
     calibrated: ClassVar[bool] = False
+
+    def prepare(self, ctx) -> None:
+        """Model-level work before the blocks (rotations fold into the embeddings here)."""
 
     def apply_block(self, ctx, block) -> None:
         """Rewrite one decoder block (data-free steps)."""
@@ -73,4 +77,4 @@ def make_step(name: str, args: dict[str, Any] | None) -> Step:
 
 def _load_builtin_steps() -> None:
     # Importing the modules runs their @register_step decorators.
-    from bitsmith.algorithms import activations, gptq, kv_cache, rtn  # noqa: F401
+    from bitsmith.algorithms import activations, gptq, kv_cache, quarot, rtn, spinquant  # noqa: F401

@@ -16,10 +16,11 @@ class KVQuant(Step):
     value: str | dict | None = None
 
     def __post_init__(self) -> None:
-        self.quantizer = kvcache.KVQuantizer(
+        self.quantizer = kvcache.KVQuantizer(  # validates the specs now, at recipe load
             None if self.key is None else QuantSpec.coerce(self.key),
             None if self.value is None else QuantSpec.coerce(self.value),
         )
 
     def apply_block(self, ctx, block) -> None:
-        kvcache.install(ctx.lm.model, [ctx.lm.adapter.attention(block)], self.quantizer)
+        kvcache.configure(ctx.lm.model, ctx.lm.adapter.attention(block), key=self.quantizer.key,
+                          value=self.quantizer.value)

@@ -8,7 +8,10 @@ symmetric case so it need not be stored.
 Symmetric scales map the largest magnitude onto ``2**(bits-1) - 1`` (so +-absmax are exact and the
 extra negative code is left for clipped groups); asymmetric scales map ``[min(x, 0), max(x, 0)]``
 onto the full code range. ``mse`` search shrinks that range by a grid of ratios and keeps, per
-group, the one with the least squared error (the clipping search of GPTQ/AWQ-style toolkits).
+group, the one with the least squared error (the clipping search of GPTQ/AWQ-style toolkits). The
+grid is searched coarse to fine (every fourth ratio, then the neighbours of each group's best),
+which finds the same optimum as the full 36-point scan wherever the error is unimodal along the
+grid, at 15 instead of 36 evaluations.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from bitsmith.errors import SpecError
 from bitsmith.spec import QuantSpec
 
 MSE_GRID = torch.linspace(1.0, 0.3, 36).tolist()
+_COARSE = 4  # coarse search step along MSE_GRID; the fine pass tries the neighbours within it
 _MIN_SCALE = {torch.float16: float(torch.finfo(torch.float16).tiny), torch.float32: 1e-10}
 
 
@@ -109,19 +113,35 @@ def choose_params(
     xg = xg.float()
     if spec.clip == "minmax":
         return _params_for_ratio(xg, spec, spec.clip_ratio, scale_dtype)
-    best_err = best_scale = best_zero = None
-    for r in MSE_GRID:
-        scale, zero = _params_for_ratio(xg, spec, r * spec.clip_ratio, scale_dtype)
-        q = _codes(xg, scale, zero, spec.bits)
-        err = ((q - zero) * scale - xg).pow_(2).sum(dim=-1, keepdim=True)
-        if best_err is None:
-            best_err, best_scale, best_zero = err, scale, zero
-        else:
-            better = err < best_err
-            best_err = torch.where(better, err, best_err)
-            best_scale = torch.where(better, scale, best_scale)
-            best_zero = torch.where(better, zero, best_zero)
-    return best_scale, best_zero
+    grid = torch.tensor(MSE_GRID) * spec.clip_ratio
+    best = None
+    for i in range(0, len(MSE_GRID), _COARSE):
+        best = _keep_better(best, _evaluate(xg, spec, grid[i].item(), scale_dtype), i)
+    centre = best[3]
+    for offset in range(-_COARSE + 1, _COARSE):
+        if offset == 0:
+            continue
+        idx = (centre + offset).clamp(0, len(MSE_GRID) - 1)
+        best = _keep_better(best, _evaluate(xg, spec, grid[idx], scale_dtype), idx)
+    return best[1], best[2]
+
+
+def _evaluate(xg: torch.Tensor, spec: QuantSpec, ratio, scale_dtype: torch.dtype):
+    scale, zero = _params_for_ratio(xg, spec, ratio, scale_dtype)
+    q = _codes(xg, scale, zero, spec.bits)
+    err = ((q - zero) * scale - xg).pow_(2).sum(dim=-1, keepdim=True)
+    return err, scale, zero
+
+
+def _keep_better(best, new, index):
+    """Per group, the (err, scale, zero, grid index) with the lower error; ties keep the earlier one."""
+    err, scale, zero = new
+    index = torch.as_tensor(index).expand_as(err) if not torch.is_tensor(index) or index.dim() == 0 else index
+    if best is None:
+        return err, scale, zero, index.clone()
+    better = err < best[0]
+    return (torch.where(better, err, best[0]), torch.where(better, scale, best[1]),
+            torch.where(better, zero, best[2]), torch.where(better, index, best[3]))
 
 
 def quantize(xg: torch.Tensor, spec: QuantSpec, scale_dtype: torch.dtype = torch.float16) -> IntCodes:

@@ -69,8 +69,10 @@ def from_dict(data: Any, default_name: str = "custom") -> Recipe:
     return Recipe(name, str(data.get("description", "")), steps, data, dict(calib))
 
 
-def load_recipe(name_or_path: str | Path | dict) -> Recipe:
-    """A built-in recipe by name, a YAML file, or a dict."""
+def load_recipe(name_or_path: "str | Path | dict | Recipe") -> Recipe:
+    """A built-in recipe by name, a YAML file, a dict, or an already loaded recipe."""
+    if isinstance(name_or_path, Recipe):
+        return name_or_path
     if isinstance(name_or_path, dict):
         return from_dict(name_or_path)
     path = Path(name_or_path)

@@ -6,11 +6,16 @@ function rather than the cache class means the plain ``forward`` (perplexity) an
 (with a cache) see the same quantization. Cached entries are re-quantized on later steps, which is
 harmless: min-max quantization of an already-quantized vector lands on the same grid, up to float
 rounding of the scale (MSE clipping may not, so the KV specs reject it).
+
+With ``rotate`` (QuaRot/SpinQuant's R3), queries and keys go through a Hadamard transform of the head
+dimension after RoPE: ``(q H^T)(k H^T)^T = q k^T``, so attention is unchanged in float while the
+cached keys are quantized in a basis without outlier channels.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -29,8 +34,9 @@ ATTN_NAME = "bitsmith_sdpa"
 class KVQuantizer:
     """Fake-quantizes keys and values of one attention module, shaped ``(batch, heads, seq, dim)``."""
 
-    key: QuantSpec | None
-    value: QuantSpec | None
+    key: QuantSpec | None = None
+    value: QuantSpec | None = None
+    rotate: bool = False
 
     def __post_init__(self) -> None:
         for spec in (self.key, self.value):
@@ -50,14 +56,27 @@ class KVQuantizer:
         flat = x.transpose(1, 2).reshape(b, s, h * d)
         return integer.fake_quantize(flat, spec).view(b, s, h, d).transpose(1, 2)
 
-    def __call__(self, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._apply(key, self.key), self._apply(value, self.value)
+    def __call__(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if self.rotate:
+            from bitsmith.transforms.hadamard import hadamard_transform
+
+            query, key = hadamard_transform(query), hadamard_transform(key)
+        return query, self._apply(key, self.key), self._apply(value, self.value)
+
+    def describe(self) -> dict[str, Any]:
+        return {"key": self.key and self.key.to_dict(), "value": self.value and self.value.to_dict(),
+                "rotate": self.rotate}
+
+    @classmethod
+    def from_description(cls, info: dict[str, Any]) -> "KVQuantizer":
+        return cls(info["key"] and QuantSpec.from_dict(info["key"]),
+                   info["value"] and QuantSpec.from_dict(info["value"]), bool(info.get("rotate", False)))
 
 
 def _attention(module: nn.Module, query, key, value, attention_mask, **kwargs):
     hook = getattr(module, "bitsmith_kv", None)
     if hook is not None:
-        key, value = hook(key, value)
+        query, key, value = hook(query, key, value)
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
 
@@ -70,6 +89,13 @@ def install(model: nn.Module, attentions: list[nn.Module], quantizer: KVQuantize
     for attn in attentions:
         attn.bitsmith_kv = quantizer
     use_hooked_attention(model)
+
+
+def configure(model: nn.Module, attention: nn.Module, **changes: Any) -> None:
+    """Change some fields of an attention module's hook, keeping the others (steps compose)."""
+    old = getattr(attention, "bitsmith_kv", None) or KVQuantizer()
+    fields = {"key": old.key, "value": old.value, "rotate": old.rotate, **changes}
+    install(model, [attention], KVQuantizer(**fields))
 
 
 def use_hooked_attention(model: nn.Module) -> None:

@@ -3,7 +3,8 @@
 They hold a :class:`PackedWeight` (what is saved) plus its dequantized fp32 copy as a non-persistent
 ``weight`` buffer, so Hugging Face code that reads ``.weight`` keeps working and the forward pass
 costs the same as the float one. Activation quantization of the linear input is dynamic (scales
-from the live tensor) with the spec given.
+from the live tensor) with the spec given; an optional online transform (a rotation that cannot be
+folded into the previous layer) runs on the input first.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bitsmith.formats import integer
+from bitsmith.runtime.online import OnlineTransform
 from bitsmith.runtime.qweight import PackedWeight
 from bitsmith.spec import QuantSpec
 
@@ -37,10 +39,12 @@ class QuantLinear(nn.Module):
         weight: torch.Tensor | PackedWeight,
         bias: torch.Tensor | None = None,
         act_spec: QuantSpec | None = None,
+        input_transform: OnlineTransform | None = None,
     ) -> None:
         super().__init__()
         self.packed: PackedWeight | None = None
         self.act_spec = act_spec
+        self.input_transform = input_transform
         if isinstance(weight, PackedWeight):
             self.set_packed(weight)
         else:
@@ -66,7 +70,12 @@ class QuantLinear(nn.Module):
     def out_features(self) -> int:
         return self.weight.shape[0]
 
+    def transform_input(self, x: torch.Tensor) -> torch.Tensor:
+        """The input the weight multiplies, before activation quantization (what solvers calibrate on)."""
+        return x if self.input_transform is None else self.input_transform(x)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.transform_input(x)
         if self.act_spec is not None:
             x = integer.fake_quantize(x, self.act_spec)
         return F.linear(x, self.weight, self.bias)
@@ -74,7 +83,8 @@ class QuantLinear(nn.Module):
     def extra_repr(self) -> str:
         w = str(self.packed.spec) if self.packed is not None else "float"
         a = str(self.act_spec) if self.act_spec is not None else "float"
-        return f"in={self.in_features}, out={self.out_features}, weight={w}, input={a}"
+        t = "" if self.input_transform is None else f", online={self.input_transform.kind}"
+        return f"in={self.in_features}, out={self.out_features}, weight={w}, input={a}{t}"
 
 
 class QuantEmbedding(nn.Module):

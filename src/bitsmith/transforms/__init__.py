@@ -1,0 +1,1 @@
+"""Orthogonal transforms used as rotations before quantization (Hadamard and random orthogonal)."""

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from bitsmith.algorithms.gptq import Hessian
+from bitsmith.calibration import InputStats
 from bitsmith.checkpoint import CheckpointWriter
 from bitsmith.data.text import Text, calibration_batch
 from bitsmith.errors import BitsmithError
@@ -83,7 +83,7 @@ def run_recipe(lm: LoadedModel, recipe: Recipe, calib_text: Text, seed: int = 0,
             lazy.materialize_outside_blocks(lm.model, lm.adapter.blocks(), lm.weights)
         for step in recipe.steps:
             step.prepare(ctx)
-        calibrated = any(step.calibrated for step in recipe.steps)
+        calibrated = any(step.calibrated or step.transforms_inputs for step in recipe.steps)
         blocks = _blocks(ctx, writer, "calibrated blocks" if calibrated else recipe.name)
         if calibrated:
             run_calibrated(ctx, recipe.steps, blocks)
@@ -161,43 +161,71 @@ def _weight_input(linear: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return x if transform is None else transform(x)
 
 
-def _solve(steps: list[Step], linears: dict[str, nn.Module], hessian) -> dict[str, nn.Module]:
-    h = hessian.value()
+def _solve(steps: list[Step], linears: dict[str, nn.Module], stats: InputStats) -> dict[str, nn.Module]:
+    h = stats.value()
     for step in steps:
         linears = {**linears, **step.solve(linears, h)}
     return linears
 
 
+def _transform(ctx: Context | None, steps: list[Step], block: nn.Module, roles: tuple[str, ...],
+               stats: InputStats, inner: list[torch.Tensor] | None = None, online: bool = False) -> InputStats:
+    """Let input-transforming steps rewrite ``roles``; returns the statistics of the new input.
+
+    A change folded upstream also changes activations already computed (``inner``), in place;
+    it cannot be made across an online transform of the linear's input (``online``).
+    """
+    for step in steps:
+        change = step.transform_inputs(ctx, block, roles, stats)
+        if change is None:
+            continue
+        stats = stats.changed(change)
+        if change.upstream and online:
+            raise BitsmithError(f"step {step.name!r} folded a change into the layer before {roles[0]}, whose input has an "
+                                "online transform in between; put that step before the rotation step in the recipe")
+        if change.upstream and inner is not None:
+            for i, a in enumerate(inner):
+                inner[i] = change.apply(a)
+    return stats
+
+
 def run_block(adapter: Adapter, block: nn.Module, hidden: list[torch.Tensor], kwargs: list[dict],
-              solvers: list[Step]) -> None:
+              solvers: list[Step], transformers: list[Step] = (), ctx: Context | None = None) -> None:
     """Solve one block's linears branch by branch and advance ``hidden`` (in place) through it."""
+    gather = bool(solvers or transformers)
     for sub in adapter.sublayers(block):
-        if solvers:
-            linears = adapter.block_linears(block)
-            first = linears[sub.inputs[0]]
-            hess = Hessian(hidden[0].shape[-1])
+        if gather:
+            first = adapter.block_linears(block)[sub.inputs[0]]
+            stats = InputStats(hidden[0].shape[-1])
             for h in hidden:
-                hess.add(_weight_input(first, sub.norm(h)))
-            for role, module in _solve(solvers, {r: linears[r] for r in sub.inputs}, hess).items():
-                adapter.set_block_linear(block, role, module)
+                stats.add(_weight_input(first, sub.norm(h)))
+            stats = _transform(ctx, transformers, block, sub.inputs, stats)
+            if solvers:
+                linears = adapter.block_linears(block)
+                for role, module in _solve(solvers, {r: linears[r] for r in sub.inputs}, stats).items():
+                    adapter.set_block_linear(block, role, module)
         closing = adapter.block_linears(block)[sub.output]
         adapter.set_block_linear(block, sub.output, _PassThrough())
         try:
             inner = []
-            hess = None
+            stats = None
             for h, kw in zip(hidden, kwargs):
                 x = sub.norm(h)
                 a = _first(sub.body(x, **kw) if sub.takes_block_kwargs else sub.body(x))
-                if solvers:
+                if gather:
                     a_in = _weight_input(closing, a)
-                    if hess is None:
-                        hess = Hessian(a_in.shape[-1])
-                    hess.add(a_in)
+                    if stats is None:
+                        stats = InputStats(a_in.shape[-1])
+                    stats.add(a_in)
                 inner.append(a)
         finally:
             adapter.set_block_linear(block, sub.output, closing)
+        if gather:
+            online = getattr(closing, "input_transform", None) is not None
+            stats = _transform(ctx, transformers, block, (sub.output,), stats, inner, online)
+            closing = adapter.block_linears(block)[sub.output]
         if solvers:
-            closing = _solve(solvers, {sub.output: closing}, hess)[sub.output]
+            closing = _solve(solvers, {sub.output: closing}, stats)[sub.output]
             adapter.set_block_linear(block, sub.output, closing)
         for h, a in zip(hidden, inner):
             h.add_(closing(a))
@@ -207,15 +235,16 @@ def run_block(adapter: Adapter, block: nn.Module, hidden: list[torch.Tensor], kw
 def run_calibrated(ctx: Context, steps: list[Step], blocks: Iterable[nn.Module] | None = None) -> None:
     """The calibration pipeline (see the module docstring); ``finish`` of the steps is left to the caller."""
     ad = ctx.lm.adapter
-    solvers = [s for s in steps if s.calibrated]
+    solvers = [s for s in steps if s.calibrated and not s.transforms_inputs]
+    transformers = [s for s in steps if s.transforms_inputs]
     hidden, kwargs = capture_block_inputs(ctx.lm.model, ad, ctx.calibration())
     for block in ad.blocks() if blocks is None else blocks:
         for step in steps:
             step.apply_block(ctx, block)
-        run_block(ad, block, hidden, kwargs, solvers)
+        run_block(ad, block, hidden, kwargs, solvers, transformers, ctx)
     head_solvers = [s for s in solvers if s.wants_lm_head()]
     if head_solvers:
-        hess = Hessian(hidden[0].shape[-1])
+        hess = InputStats(hidden[0].shape[-1])
         for h in hidden:
             hess.add(ad.final_norm()(h))
         ad.set_lm_head(_solve(head_solvers, {"lm_head": ad.lm_head()}, hess)["lm_head"])

@@ -17,12 +17,15 @@ class Step:
     first on what lies outside the blocks (before any calibration data flows), ``apply_block``
     rewrites one decoder block without data, ``finish`` handles the outside parts at the end
     (embeddings, lm_head). A *calibrated* step (``calibrated = True``) instead gets ``solve`` calls
-    from the pipeline with a group of linears that share an input and that input's Hessian.
-    ``ctx`` is a :class:`bitsmith.pipeline.Context`.
+    from the pipeline with a group of linears that share an input and that input's Hessian. A step
+    with ``transforms_inputs = True`` (smoothing, data-fitted rotations) gets ``transform_inputs``
+    calls first, with the input's statistics, and reports how it changed that input so the
+    solvers after it see the transformed statistics. ``ctx`` is a :class:`bitsmith.pipeline.Context`.
     """
 
     name: ClassVar[str] = ""
     calibrated: ClassVar[bool] = False
+    transforms_inputs: ClassVar[bool] = False
 
     def prepare(self, ctx) -> None:
         """Model-level work before the blocks (rotations fold into the embeddings here)."""
@@ -36,6 +39,12 @@ class Step:
     def solve(self, linears: dict[str, Any], hessian) -> dict[str, Any]:
         """Calibrated steps: quantized replacements for ``linears`` (roles -> modules) given ``2XX^T/n``."""
         raise NotImplementedError
+
+    def transform_inputs(self, ctx, block, roles: tuple[str, ...], stats) -> Any:
+        """Input-transforming steps: rewrite the linears ``roles`` of ``block`` (and what feeds them)
+        given their input's :class:`bitsmith.calibration.InputStats`; return the
+        :class:`bitsmith.calibration.InputChange` made, or None."""
+        return None
 
     def wants_lm_head(self) -> bool:
         """Calibrated steps: whether the pipeline should also ``solve`` the lm_head."""

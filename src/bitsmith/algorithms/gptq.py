@@ -25,6 +25,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from bitsmith.calibration import InputStats
 from bitsmith.errors import BitsmithError
 from bitsmith.formats import integer
 from bitsmith.registry import Step, register_step
@@ -35,33 +36,7 @@ from bitsmith.spec import WEIGHT_GRANULARITIES, QuantSpec
 log = logging.getLogger(__name__)
 
 
-class Hessian:
-    """Running ``2 X X^T / n`` of a layer input, fed chunk by chunk.
-
-    On the default model these products cost as much as the calibration forward pass itself, so
-    only the upper triangle is formed, in three row strips (about a third less work than the full
-    product); ``value`` mirrors it.
-    """
-
-    STRIPS = 3
-
-    def __init__(self, dim: int) -> None:
-        self.sum = torch.zeros(dim, dim, dtype=torch.float32)
-        self.rows = 0
-
-    def add(self, x: torch.Tensor) -> None:
-        x = x.detach().reshape(-1, x.shape[-1]).float()
-        dim = x.shape[1]
-        step = -(-dim // self.STRIPS)
-        for i in range(0, dim, step):
-            self.sum[i : i + step, i:].addmm_(x[:, i : i + step].T, x[:, i:])
-        self.rows += x.shape[0]
-
-    def value(self) -> torch.Tensor:
-        if self.rows == 0:
-            raise BitsmithError("GPTQ got no calibration inputs; give the recipe a calibration set with samples >= 1")
-        upper = self.sum.triu()
-        return (upper + upper.triu(1).T) * (2.0 / self.rows)
+Hessian = InputStats  # GPTQ's name for it: ``value()`` is ``2 X X^T / n``
 
 
 def _grid(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:

@@ -54,6 +54,16 @@ def _tiny_model(config_cls, model_cls, seed: int, tied: bool):
 
 
 @pytest.fixture(scope="session")
+def calib_file(tmp_path_factory) -> str:
+    """Calibration text in the tiny tokenizer's words (seeded random), for calibrated recipes."""
+    gen = torch.Generator().manual_seed(11)
+    words = " ".join(f"w{i}" for i in torch.randint(0, TINY_VOCAB - 3, (4000,), generator=gen).tolist())
+    path = tmp_path_factory.mktemp("calib") / "tiny.txt"
+    path.write_text(words)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory):
     """(folder, float model): a seeded random 2-block Llama with tied embeddings, saved as safetensors."""
     from transformers import LlamaConfig, LlamaForCausalLM

@@ -14,16 +14,6 @@ from bitsmith.pipeline import capture_block_inputs, run_block
 from bitsmith.runtime.modules import QuantLinear
 
 
-@pytest.fixture(scope="module")
-def calib_file(tmp_path_factory):
-    """Calibration text in the tiny tokenizer's words."""
-    gen = torch.Generator().manual_seed(11)
-    words = " ".join(f"w{i}" for i in torch.randint(0, 93, (4000,), generator=gen).tolist())
-    path = tmp_path_factory.mktemp("calib") / "tiny.txt"
-    path.write_text(words)
-    return str(path)
-
-
 def _tokens(n=6, seq=24, seed=0):
     return torch.randint(3, 96, (n, seq), generator=torch.Generator().manual_seed(seed))
 

@@ -100,15 +100,6 @@ def test_quarot_streamed_equals_in_memory(tiny_llama, tmp_path):
     assert torch.equal(_logits(mem, tokens), _logits(bitsmith.load_model(str(out)), tokens))
 
 
-@pytest.fixture(scope="module")
-def tiny_calib(tmp_path_factory):
-    gen = torch.Generator().manual_seed(5)
-    words = " ".join(f"w{i}" for i in torch.randint(0, 93, (3000,), generator=gen).tolist())
-    path = tmp_path_factory.mktemp("calib") / "tiny.txt"
-    path.write_text(words)
-    return str(path)
-
-
 def _spin(iterations, lr=0.5, **kw):
     return {"name": "spin", "calibration": {"samples": 8, "seq": 32},
             "steps": [{"spinquant": {"iterations": iterations, "lr": lr, "batch": 2, **kw}}]}
@@ -128,15 +119,15 @@ def test_cayley_step_keeps_orthogonality():
     assert (g * cayley_step(r, g, lr=1e-3)).sum() < (g * r).sum()
 
 
-def test_spinquant_without_training_is_quarot(tiny_llama, tiny_calib):
+def test_spinquant_without_training_is_quarot(tiny_llama, calib_file):
     folder, _ = tiny_llama
     tokens = _tokens(seed=4)
     quarot = bitsmith.quantize(str(folder), QUAROT_ONLY, progress=False)
-    spin = bitsmith.quantize(str(folder), _spin(0), calib=tiny_calib, progress=False)
+    spin = bitsmith.quantize(str(folder), _spin(0), calib=calib_file, progress=False)
     torch.testing.assert_close(_logits(spin, tokens), _logits(quarot, tokens), rtol=1e-6, atol=1e-6)
 
 
-def test_spinquant_learns_orthogonal_rotations_that_lower_the_quantized_loss(tiny_llama, tiny_calib):
+def test_spinquant_learns_orthogonal_rotations_that_lower_the_quantized_loss(tiny_llama, calib_file):
     from bitsmith.algorithms.spinquant import SpinQuant
     from bitsmith.recipes import load_recipe
 
@@ -145,7 +136,7 @@ def test_spinquant_learns_orthogonal_rotations_that_lower_the_quantized_loss(tin
     ref = _logits(load_model(str(folder)), tokens)
     recipe = load_recipe(_spin(30, lr=1.0, weights="int3:channel:sym", activations="int3:token:asym", kv="int3:head:asym"))
     lm = load_model(str(folder))
-    bitsmith.quantize(lm, recipe, calib=tiny_calib, progress=False)
+    bitsmith.quantize(lm, recipe, calib=calib_file, progress=False)
     step = recipe.steps[0]
     assert isinstance(step, SpinQuant) and len(step.losses) == 30
     eye = torch.eye(step.r1.shape[0], dtype=torch.float64)
@@ -158,7 +149,35 @@ def test_spinquant_learns_orthogonal_rotations_that_lower_the_quantized_loss(tin
     assert _rel(_logits(lm, tokens), ref) < 1e-5  # learned rotations fold exactly: float function unchanged
 
 
-def test_spinquant_refuses_streaming(tiny_llama, tmp_path, tiny_calib):
+def test_spinquant_refuses_streaming(tiny_llama, tmp_path, calib_file):
     folder, _ = tiny_llama
     with pytest.raises(BitsmithError, match="without --stream"):
-        bitsmith.quantize(str(folder), _spin(1), out=tmp_path / "s", calib=tiny_calib, progress=False, stream=True)
+        bitsmith.quantize(str(folder), _spin(1), out=tmp_path / "s", calib=calib_file, progress=False, stream=True)
+
+
+def test_spinquant_training_forward_matches_the_folded_model(tiny_llama):
+    """The differentiable training model (both forms: rotated weights, rotated activations) computes
+    what the folded model computes, for random orthogonal R1/R2 in float."""
+    from bitsmith.algorithms.spinquant import _Trainer
+    from bitsmith.transforms import fold
+    from bitsmith.transforms.hadamard import random_orthogonal_matrix
+
+    folder, _ = tiny_llama
+    tokens = _tokens(seed=6)
+    r1 = random_orthogonal_matrix(64, seed=1, dtype=torch.float64)
+    r2 = [random_orthogonal_matrix(16, seed=2 + i, dtype=torch.float64) for i in range(2)]
+    ref = _logits(load_model(str(folder)), tokens)
+    for weights in (None, "int8:channel:sym"):
+        from bitsmith.spec import QuantSpec
+
+        lm = load_model(str(folder))
+        ad = lm.adapter
+        fold.fuse_norms_outside(ad)
+        for b in ad.blocks():
+            fold.fuse_norms_block(ad, b)
+        wspec = None if weights is None else QuantSpec.parse(weights)
+        with _Trainer(lm, r1, r2, wspec, None, None):
+            got = _logits(lm, tokens)
+        tol = 1e-4 if weights is None else 5e-2  # int8 weights: close, not equal
+        assert _rel(got, ref) < tol, weights
+        assert _rel(_logits(lm, tokens), ref) < 1e-5  # the originals are back after training

@@ -75,6 +75,8 @@ class _Rotated(nn.Module):
         if self.role == "down":
             x = hadamard_transform(x)
         x = _ste(x, o.activations)
+        if o.weights is None:
+            return self._rotate_activations(x, r1)
         w, b, d = self.weight, self.bias, o.head_dim
         if self.role in ("q", "k", "gate", "up"):
             w = w @ r1
@@ -90,6 +92,19 @@ class _Rotated(nn.Module):
         else:  # down
             w = r1.T @ w
         return F.linear(x, _ste_weight(w, o.weights), b)
+
+
+    def _rotate_activations(self, x: torch.Tensor, r1: torch.Tensor) -> torch.Tensor:
+        """Float weights: the same function with the rotations applied to the (fewer) activations."""
+        o, d = self.owner, self.owner.head_dim
+        if self.role in ("q", "k", "gate", "up"):
+            return F.linear(x @ r1.T, self.weight, self.bias)
+        if self.role == "v":
+            v = F.linear(x @ r1.T, self.weight, self.bias)
+            return (v.unflatten(-1, (-1, d)) @ o.r2[self.layer].float()).flatten(-2)
+        if self.role == "o":
+            x = (x.unflatten(-1, (-1, d)) @ o.r2[self.layer].float().T).flatten(-2)
+        return F.linear(x, self.weight, self.bias) @ r1  # o and down write the rotated stream
 
 
 class _Embedding(nn.Module):
@@ -178,8 +193,8 @@ class SpinQuant(Step):
     weights: str | dict | None = "int4:channel:sym"
     activations: str | dict | None = "int4:token:asym"
     kv: str | dict | None = "int4:head:asym"
-    iterations: int = 40
-    batch: int = 2  # calibration windows per step
+    iterations: int = 20
+    batch: int = 1  # calibration windows per step (of the recipe's calibration length)
     lr: float = 1.5
     seed: int | None = None
 

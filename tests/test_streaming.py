@@ -152,7 +152,7 @@ def test_quantizes_under_a_memory_cap_smaller_than_the_model(tiny_llama, tmp_pat
 
     def run(mode: str) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, str(script), str(tiny), str(wide), str(recipe), calib_file,
-                               str(tmp_path / f"out-{mode}"), str(cap), mode], capture_output=True, text=True, timeout=300)
+                               str(tmp_path / f"out-{mode}"), str(cap), mode], capture_output=True, text=True, timeout=900)  # generous: a shared CI machine can be slow
 
     streamed = run("stream")
     assert streamed.returncode == 0 and "done" in streamed.stdout, streamed.stderr[-2000:]

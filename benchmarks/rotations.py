@@ -1,6 +1,6 @@
-"""Rotations on the default model: no rotation vs QuaRot vs SpinQuant, with RTN and GPTQ weights.
+"""Rotations on the default model: no rotation vs QuaRot vs SpinQuant vs DuQuant, with RTN and GPTQ weights.
 
-    python benchmarks/rotations.py [--settings w4a4kv4,w4a8kv8,w4a16] [--methods none,quarot,spinquant]
+    python benchmarks/rotations.py [--settings w4a4kv4,w4a8kv8,w4a16] [--methods none,quarot,spinquant,duquant]
                                    [--weights rtn,gptq] [--samples 128] [--tasks piqa,arc_easy --limit 100]
 
 Weights are 4-bit per output channel, symmetric, MSE-clipped (RTN) or GPTQ with act-order on the
@@ -32,6 +32,8 @@ def recipe(setting: str, method: str, weights: str, samples: int, seq: int, iter
     steps: list[dict] = []
     if method == "quarot":
         steps.append({"quarot": {"r3": kv is not None}})
+    elif method == "duquant":  # fitted to calibration statistics (same samples as GPTQ)
+        steps.append({"duquant": {"r3": kv is not None}})
     elif method == "spinquant":
         steps.append({"spinquant": {"weights": None if weights == "gptq" else WEIGHTS.replace(":mse", ""),
                                     "activations": act, "kv": kv, "iterations": iterations}})
@@ -91,9 +93,9 @@ def main() -> None:
     ap.add_argument("--settings", default="w4a4kv4,w4a8kv8,w4a16")
     ap.add_argument("--methods", default="none,quarot,spinquant")
     ap.add_argument("--weights", default="rtn,gptq")
-    ap.add_argument("--samples", type=int, default=128, help="calibration sequences (GPTQ, SpinQuant)")
+    ap.add_argument("--samples", type=int, default=128, help="calibration sequences (GPTQ, SpinQuant, DuQuant)")
     ap.add_argument("--calib-seq", type=int, default=512)
-    ap.add_argument("--iterations", type=int, default=40, help="SpinQuant Cayley SGD steps")
+    ap.add_argument("--iterations", type=int, default=20, help="SpinQuant Cayley SGD steps")
     ap.add_argument("--seq", type=int, default=512, help="evaluation window")
     ap.add_argument("--windows", type=int, default=8, help="evaluation windows")
     ap.add_argument("--tasks", default="", help="zero-shot tasks, comma-separated (empty: none)")

@@ -34,7 +34,7 @@ def test_dict_form_and_coerce():
     [
         ("int9:g64", "bits"),
         ("int1", "bits"),
-        ("fp4:g32", "format"),
+        ("float4:g32", "format"),  # fp4:g32 is a valid minifloat spec now (tests/test_format_specs.py)
         ("int4:g0", "group_size"),
         ("int4:group", "group_size"),
         ("int4:channel:g64", "group_size"),

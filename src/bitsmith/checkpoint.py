@@ -47,6 +47,7 @@ def describe_modules(module: nn.Module, prefix: str = "") -> tuple[dict, dict]:
                 "shape": list(m.weight.shape),
                 "bias": m.bias is not None,
                 "input": None if m.act_spec is None else m.act_spec.to_dict(),
+                "input_static": m.act_static,  # calibrated per-tensor grid in buffers act_scale/act_zero
                 "transform": None if m.input_transform is None else m.input_transform.describe(),
             }
         elif isinstance(m, QuantEmbedding):
@@ -183,7 +184,10 @@ def load_quantized(path: str | Path) -> LoadedModel:
                     transform = build_transform(info["transform"])
                     transform.load_state_dict(
                         {k[len("input_transform."):]: v for k, v in own.items() if k.startswith("input_transform.")})
-                quantized[name] = QuantLinear(weight, own.get("bias"), act, transform)
+                static = bool(info.get("input_static", False))
+                quantized[name] = QuantLinear(weight, own.get("bias"), act, transform, act_static=static)
+                if static:
+                    quantized[name].set_static_input(own["act_scale"], own.get("act_zero"))
     except (KeyError, TypeError, ValueError, RuntimeError) as e:
         raise BitsmithError(f"{path}: quantized tensors do not match bitsmith.json ({type(e).__name__}: {e}); re-run bitsmith quantize") from None
 

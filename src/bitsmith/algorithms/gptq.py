@@ -14,20 +14,27 @@ degrees of freedom matter most): act-order (columns with the largest Hessian dia
 scales computed on the already-updated weights when a group starts, static groups (scales fixed
 from the original weights) when act-order would otherwise scatter groups, and MSE-searched scales
 for any integer spec of :mod:`bitsmith.spec`.
+
+Other number formats use the same loop: the format registry (:mod:`bitsmith.formats.registry`) gives
+each format's grid parameters and per-column rounding, so GPTQ runs on minifloat grids (fp, scale
+per channel or group), NF4, MX (the shared block exponent fixed from the weights before its columns
+are rounded: from the original weights under act-order or static groups, the default) and BitMoD
+(scale and datatype per group fixed the same way). OliVe is not supported (pairs, not columns).
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from bitsmith.calibration import InputStats
-from bitsmith.errors import BitsmithError
+from bitsmith.errors import BitsmithError, SpecError
 from bitsmith.formats import integer
+from bitsmith.formats.registry import NumberFormat, number_format, slice_rows
 from bitsmith.registry import Step, register_step
 from bitsmith.runtime.modules import QuantLinear
 from bitsmith.runtime.qweight import PackedWeight
@@ -49,6 +56,13 @@ def _grid(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]
 
 def _round(col: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
     return torch.clamp(torch.round(col / scale) + zero, 0, (1 << bits) - 1)
+
+
+def _format_grid(w: torch.Tensor, spec: QuantSpec, fmt: NumberFormat) -> torch.Tensor:
+    """Grid parameters ``(rows, k)`` of ``spec``'s format for the columns of ``w`` sharing one grid."""
+    if spec.granularity == "tensor":
+        return fmt.grid(w.reshape(1, -1), spec).expand(w.shape[0], -1)
+    return fmt.grid(w, spec)
 
 
 def _inverse_hessian_factor(h: torch.Tensor, damp: float) -> torch.Tensor:
@@ -84,13 +98,20 @@ def gptq_quantize(
     damp: float = 0.01,
     act_order: bool = True,
     static_groups: bool = False,
-) -> integer.IntCodes:
+) -> Any:
     """GPTQ codes of ``weight`` (out, in) for the Hessian ``h`` (in, in), on ``spec``'s grid.
 
-    Returns codes in the grouped layout of :func:`bitsmith.formats.integer.group_view` with fp16-exact
-    scales, ready for :meth:`PackedWeight.from_codes`.
+    Any format whose registry entry supports GPTQ works: its grid parameters (scale and zero point,
+    minifloat or NF4 scale, MX block exponent, BitMoD scale and datatype) are fixed per channel, per
+    static group up front, or per group when the group starts, and each column is rounded by the
+    format's ``round``. Returns the format's codes (for integers :class:`~bitsmith.formats.integer.IntCodes`
+    in the grouped layout of :func:`~bitsmith.formats.integer.group_view`) with fp16-exact scales,
+    ready for :meth:`PackedWeight.from_codes`.
     """
     spec.require(WEIGHT_GRANULARITIES, "weights")
+    fmt = number_format(spec)
+    if not fmt.supports_gptq:
+        raise SpecError(f"gptq: spec '{spec}' is not supported: {fmt.gptq_note}")
     if not torch.isfinite(h).all():
         raise BitsmithError("GPTQ: the calibration Hessian holds NaN or inf; the model produced non-finite activations")
     w = weight.detach().float().clone()
@@ -105,26 +126,24 @@ def gptq_quantize(
 
     perm = torch.argsort(torch.diag(h), descending=True, stable=True) if act_order else torch.arange(cols)
     static = group is not None and (static_groups or act_order)
-    # Grids fixed up front (per tensor/channel always; per group when static), one row per column.
+    # Grids fixed up front (per tensor/channel always; per group when static): for each column, the
+    # (rows, k) grid parameters of the format (integers: scale and zero point).
+    k = fmt.grid_width
     if group is None:
-        scale, zero = _grid(w, spec)
-        col_scale, col_zero = scale.T.expand(cols, rows), zero.T.expand(cols, rows)
+        col_params = _format_grid(w, spec, fmt).unsqueeze(0).expand(cols, rows, k)
     elif static:
-        gs, gz = integer.choose_params(w.view(rows, cols // group, group), spec, torch.float16)
-        col_scale = gs.expand(rows, cols // group, group).reshape(rows, cols).T
-        col_zero = gz.expand(rows, cols // group, group).reshape(rows, cols).T
+        gp = fmt.grid(w.view(rows, cols // group, group), spec)  # (rows, groups, k)
+        col_params = gp.unsqueeze(2).expand(rows, cols // group, group, k).reshape(rows, cols, k).transpose(0, 1)
     else:
-        col_scale = torch.empty(cols, rows)
-        col_zero = torch.empty(cols, rows)
+        col_params = torch.empty(cols, rows, k)
     if group is None or static:
-        col_scale, col_zero = col_scale[perm].contiguous(), col_zero[perm].contiguous()
+        col_params = col_params[perm].contiguous()
 
     # Work on W^T so that a column of W is a contiguous row.
     wt = w.T[perm].contiguous()
     u = _inverse_hessian_factor(h[perm][:, perm], damp).float()
     if group is not None and not static:  # groups must not straddle blocks so each is fully updated
         block_size = max(group, block_size // group * group)
-    maxq = (1 << spec.bits) - 1
     codes = torch.empty(cols, rows)
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)
@@ -135,31 +154,17 @@ def gptq_quantize(
         for j in range(i2 - i1):
             c = i1 + j
             if group is not None and not static and c % group == 0:
-                s, z = integer.choose_params(w1[j : j + group].T, spec, torch.float16)
-                col_scale[c : c + group] = s.T
-                col_zero[c : c + group] = z.T
-            col, s, z = w1[j], col_scale[c], col_zero[c]
-            q = torch.round(col / s).add_(z).clamp_(0, maxq)
+                col_params[c : c + group] = fmt.grid(w1[j : j + group].T, spec)
+            col = w1[j]
+            q, value = fmt.round(col, col_params[c], spec)
             codes[c] = q
-            err = (col - (q - z) * s).div_(diag[j])
+            err = (col - value).div_(diag[j])
             w1[j + 1 :].addr_(u1[j, j + 1 :], err, alpha=-1.0)
             err1[j] = err
         wt[i2:].addmm_(u[i1:i2, i2:].T, err1, alpha=-1.0)
 
     inv = torch.argsort(perm)
-    return _as_int_codes(codes[inv].T, col_scale[inv].T, col_zero[inv].T, spec)
-
-
-def _as_int_codes(codes: torch.Tensor, col_scale: torch.Tensor, col_zero: torch.Tensor, spec: QuantSpec) -> integer.IntCodes:
-    rows, cols = codes.shape
-    gcodes = integer.group_view(codes, spec)
-    n = gcodes.shape[-1]
-    if spec.granularity == "tensor":
-        scale, zero = col_scale[:1, :1], col_zero[:1, :1]
-    else:
-        scale = col_scale.reshape(*gcodes.shape[:-1], n)[..., :1]
-        zero = col_zero.reshape(*gcodes.shape[:-1], n)[..., :1]
-    return integer.IntCodes(gcodes.to(torch.uint8), scale.contiguous(), None if spec.symmetric else zero.to(torch.uint8).contiguous())
+    return fmt.from_columns(codes[inv].T, col_params[inv].transpose(0, 1), spec)
 
 
 def gptq_reference(weight: torch.Tensor, h: torch.Tensor, spec: QuantSpec, damp: float = 0.01) -> torch.Tensor:
@@ -209,6 +214,9 @@ class GPTQ(Step):
 
     def __post_init__(self) -> None:
         self.spec = QuantSpec.coerce(self.weights).require(WEIGHT_GRANULARITIES, "weights")
+        fmt = number_format(self.spec)
+        if not fmt.supports_gptq:
+            raise SpecError(f"gptq: spec '{self.spec}' is not supported: {fmt.gptq_note}")
         if isinstance(self.block_size, bool) or not isinstance(self.block_size, int) or self.block_size < 1:
             raise BitsmithError(f"gptq: block_size {self.block_size!r} must be a positive integer")
         if isinstance(self.damp, bool) or not isinstance(self.damp, (int, float)) or not 0 <= self.damp < 1:
@@ -229,8 +237,7 @@ class GPTQ(Step):
             start = 0
             for r in roles:
                 rows = linears[r].weight.shape[0]
-                part = integer.IntCodes(codes.codes[start : start + rows], codes.scale[start : start + rows],
-                                        None if codes.zero is None else codes.zero[start : start + rows])
+                part = slice_rows(codes, start, start + rows)
                 q = QuantLinear.from_linear(linears[r])
                 q.set_packed(PackedWeight.from_codes(part, self.spec, tuple(linears[r].weight.shape)))
                 out[r] = q

@@ -1,4 +1,5 @@
-"""KV-cache quantization: keys (after RoPE) and values per token and head, optionally in groups."""
+"""KV-cache quantization: keys (after RoPE) and values per token and head, optionally in groups,
+in any dynamic number format (``int4:head:asym``, ``fp8:e4m3:head``, ``mxfp4`` blocks along the head dimension)."""
 
 from __future__ import annotations
 

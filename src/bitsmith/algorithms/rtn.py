@@ -1,7 +1,8 @@
 """Round-to-nearest: the baseline every other weight solver must beat.
 
-Each weight is rounded to the nearest level of its group's grid; scales come from min-max or an
-MSE clipping search (:mod:`bitsmith.formats.integer`). The lm_head and the embedding table are left
+Each weight is rounded to the nearest level of its group's grid, in any number format of the spec
+(integers, minifloats, NF4, MX, BitMoD, OliVe: :mod:`bitsmith.formats.registry`); scales come from
+min-max, a fixed clipping ratio or an MSE clipping search, as the format defines. The lm_head and the embedding table are left
 in float unless asked for, as is usual in the PTQ literature; quantizing one of a tied pair unties it.
 """
 

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from bitsmith.algorithms.quarot import install_online_rotations
 from bitsmith.errors import BitsmithError
-from bitsmith.formats import integer
+from bitsmith.formats.registry import fake_quantize
 from bitsmith.registry import Step, register_step
 from bitsmith.spec import ACTIVATION_GRANULARITIES, KV_GRANULARITIES, WEIGHT_GRANULARITIES, QuantSpec
 from bitsmith.transforms import fold
@@ -45,17 +45,15 @@ def _ste(x: torch.Tensor, spec: QuantSpec | None) -> torch.Tensor:
     """Fake quantization whose gradient is the identity (straight-through estimator)."""
     if spec is None:
         return x
-    return x + (integer.fake_quantize(x.detach(), spec) - x).detach()
+    return x + (fake_quantize(x.detach(), spec) - x).detach()
 
 
 def _ste_weight(w: torch.Tensor, spec: QuantSpec | None) -> torch.Tensor:
+    """Weights fake-quantized in any number format (float32 scales), identity gradient."""
     if spec is None:
         return w
     wd = w.detach()
-    g = integer.group_view(wd, spec)
-    scale, zero = integer.choose_params(g, spec, torch.float32)
-    q = ((torch.clamp(torch.round(g / scale) + zero, 0, (1 << spec.bits) - 1) - zero) * scale).reshape(w.shape)
-    return w + (q - wd).detach()
+    return w + (fake_quantize(wd, spec) - wd).detach()
 
 
 class _Rotated(nn.Module):

@@ -16,8 +16,9 @@ def weight_bits(module) -> tuple[int, int]:
 
 
 def size_stats(lm: LoadedModel) -> dict:
-    """``bpw``: bits per weight over the decoder blocks' linear layers (codes, scales and zero points
-    included; float weights count 32), the usual basis of PTQ papers. ``size_mb``: all persistent
+    """``bpw``: bits per weight over the decoder blocks' linear layers (everything stored: codes, scales,
+    zero points, MX shared exponents, BitMoD datatype ids; float weights count 32), the usual basis of
+    PTQ papers. ``size_mb``: all persistent
     tensors of the model, tied weights once: what ``model.safetensors`` holds."""
     bits = numel = 0
     for _, linear in lm.adapter.named_block_linears():

@@ -38,6 +38,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from fractions import Fraction
+from typing import Sequence
 
 import torch
 
@@ -47,6 +48,7 @@ from bitsmith.formats.integer import _store_scale
 _BASE = {4: (0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0), 3: (1.0, 2.0, 4.0)}
 _SPECIAL = {4: {"er": 5.0, "ea": 8.0}, 3: {"er": 3.0, "ea": 6.0}}
 DATATYPE_NAMES = {b: tuple(f"fp{b}_{kind}_{side}" for kind in ("er", "ea") for side in ("pos", "neg")) for b in (3, 4)}
+ID_BITS = 2  # four datatypes per family: the id stored per group
 MANTISSA_BITS = 3  # the widest unified mantissa is 5 = 0b101
 
 
@@ -88,12 +90,15 @@ def _table(bits: int, device: torch.device | None = None) -> torch.Tensor:
     return torch.tensor(_value_lists(bits), dtype=torch.float32, device=device)
 
 
-def bitmod_quantize(xg: torch.Tensor, bits: int, scale_dtype: torch.dtype = torch.float16) -> BitMoDCodes:
+def bitmod_quantize(
+    xg: torch.Tensor, bits: int, scale_dtype: torch.dtype = torch.float16, ratios: Sequence[float] = (1.0,)
+) -> BitMoDCodes:
     """Quantize each group with every datatype of the family and keep the least squared error.
 
     Scales follow the module's sign-aware absmax rule and are rounded up to ``scale_dtype``; values
     round to the nearest datatype value (ties towards the lower one). Ties in error keep the
-    datatype listed first.
+    datatype listed first. ``ratios`` optionally shrinks the mapped extreme (``ratio * a``, a
+    clipping search over datatypes and ratios together); the default is the paper's absmax rule.
     """
     table = _table(bits, xg.device)
     x = xg.float()
@@ -102,9 +107,9 @@ def bitmod_quantize(xg: torch.Tensor, bits: int, scale_dtype: torch.dtype = torc
     positive = hi >= -lo
     amax = torch.where(positive, hi, -lo)
     best_err = best_codes = best_scale = best_id = None
-    for i, values in enumerate(table):
+    for i, ratio, values in ((i, r, v) for r in ratios for i, v in enumerate(table)):
         top = torch.where(positive, values[-1], -values[0])
-        scale = _store_scale(amax / top, scale_dtype)
+        scale = _store_scale(amax * ratio / top if ratio != 1.0 else amax / top, scale_dtype)
         codes = torch.bucketize(x / scale, (values[1:] + values[:-1]) / 2)
         err = (values[codes] * scale - x).pow_(2).sum(dim=-1, keepdim=True)
         if best_err is None:

@@ -189,10 +189,18 @@ def nf4_quantize(x: torch.Tensor, block: int = NF4_BLOCK) -> tuple[torch.Tensor,
     xb = _blocked(x, block, "NF4").float()
     absmax = xb.abs().amax(dim=-1)
     safe = torch.where(absmax > 0, absmax, 1.0)  # all-zero blocks: every element is the 0 level
-    levels = _nf4_levels()
+    return nf4_codes(xb / safe[..., None]).reshape(x.shape), absmax
+
+
+def nf4_codes(y: torch.Tensor) -> torch.Tensor:
+    """uint8 NF4 codes of values already divided by their block scale: nearest level, ties to the lower.
+
+    Shared by :func:`nf4_quantize` and callers that choose the scale themselves (fp16 storage,
+    clipping search, GPTQ's fixed grid).
+    """
+    levels = _nf4_levels().to(y.device)
     midpoints = (levels[1:] + levels[:-1]) / 2
-    codes = torch.bucketize(xb / safe[..., None], midpoints, out_int32=True)  # nearest, ties to the lower
-    return codes.to(torch.uint8).reshape(x.shape), absmax
+    return torch.bucketize(y.float(), midpoints, out_int32=True).to(torch.uint8)
 
 
 def nf4_dequantize(codes: torch.Tensor, absmax: torch.Tensor) -> torch.Tensor:

@@ -155,6 +155,20 @@ def olive_quantize(
     ``grid`` lists candidate ratios ``r`` (normal maximum ``7 * s = r * absmax``); the least squared
     error per group wins, ties keeping the earlier ratio.
     """
+    best_q, best_scale = olive_search(xg, scale_dtype, grid)
+    return OliVeCodes(encode_pairs(best_q), best_scale)
+
+
+def olive_search(
+    xg: torch.Tensor, scale_dtype: torch.dtype = torch.float16, grid: Sequence[float] | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The scale search of :func:`olive_quantize` without the byte encoding: (values in scale units, scale).
+
+    ``q * scale`` is exactly the dequantized result (encoding is lossless), which is all dynamic
+    activation quantization needs. The whole grid is scanned: the error is not unimodal along it
+    (an outlier's error oscillates as it snaps from one abfloat level to the next), so a
+    coarse-to-fine search misses the optimum of many groups.
+    """
     _check_pairs(xg.shape[-1], "group size")
     x = xg.float()
     amax = x.abs().amax(dim=-1, keepdim=True)
@@ -170,7 +184,7 @@ def olive_quantize(
         best_err = torch.where(better, err, best_err)
         best_q = torch.where(better, q, best_q)
         best_scale = torch.where(better, scale, best_scale)
-    return OliVeCodes(encode_pairs(best_q), best_scale)
+    return best_q, best_scale
 
 
 def olive_dequantize(codes: OliVeCodes) -> torch.Tensor:

@@ -5,7 +5,9 @@ on the dequantized tensors, in the same forward that fills the cache. Hooking th
 function rather than the cache class means the plain ``forward`` (perplexity) and ``generate``
 (with a cache) see the same quantization. Cached entries are re-quantized on later steps, which is
 harmless: min-max quantization of an already-quantized vector lands on the same grid, up to float
-rounding of the scale (MSE clipping may not, so the KV specs reject it).
+rounding of the scale (MSE clipping may not, so the KV specs reject it). Any number format works
+(e.g. ``fp8:e4m3:head``, ``mxfp4`` with blocks of 32 along the head dimension); OliVe's MSE
+scale search counts as clipping, so an OliVe KV spec must say ``minmax``.
 
 With ``rotate`` (QuaRot/SpinQuant's R3), queries and keys go through a Hadamard transform of the head
 dimension after RoPE: ``(q H^T)(k H^T)^T = q k^T``, so attention is unchanged in float while the
@@ -24,7 +26,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from bitsmith.errors import SpecError
-from bitsmith.formats import integer
+from bitsmith.formats.registry import fake_quantize
 from bitsmith.spec import KV_GRANULARITIES, QuantSpec
 
 ATTN_NAME = "bitsmith_sdpa"
@@ -50,11 +52,11 @@ class KVQuantizer:
     def _apply(x: torch.Tensor, spec: QuantSpec | None) -> torch.Tensor:
         if spec is None:
             return x
-        if spec.granularity == "head":
-            return integer.fake_quantize(x, spec)
+        if spec.granularity in ("head", "group"):  # per head, or MX blocks along the head dimension
+            return fake_quantize(x, spec)
         b, h, s, d = x.shape  # per token across all heads
         flat = x.transpose(1, 2).reshape(b, s, h * d)
-        return integer.fake_quantize(flat, spec).view(b, s, h, d).transpose(1, 2)
+        return fake_quantize(flat, spec).view(b, s, h, d).transpose(1, 2)
 
     def __call__(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, ...]:
         if self.rotate:

@@ -1,64 +1,66 @@
-"""A quantized weight matrix as it is stored: packed codes, fp16 scales, packed zero points."""
+"""A quantized weight matrix as it is stored: whatever tensors its number format packs.
+
+Integers store packed codes, fp16 scales and packed zero points (``qcodes``, ``qscale``, ``qzero``);
+minifloats and NF4 packed codes and fp16 scales (FP6 as 4+2 bit planes ``qhigh``/``qlow``); MX
+element codes and E8M0 exponent bytes (``qexp``); BitMoD codes, scales and packed datatype ids
+(``qdtype``); OliVe one byte per pair and scales. The format objects of
+:mod:`bitsmith.formats.registry` decide; this class only holds the tensors and asks them.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-from bitsmith.formats import integer, packing
+from bitsmith.formats.registry import number_format
 from bitsmith.spec import QuantSpec
+
+# Every buffer name a format may store (quantized modules drop stale ones when the format changes).
+STORED_NAMES = ("qcodes", "qhigh", "qlow", "qscale", "qzero", "qexp", "qdtype")
 
 
 @dataclass
 class PackedWeight:
-    """Integer codes of an ``(out, in)`` weight with their per-group parameters.
+    """The stored tensors of an ``(out, in)`` weight in ``spec``'s format.
 
-    ``scale`` is stored in fp16 and ``zero`` packed to the code width, so the size on disk is the
-    bit count; the in-memory dequantization uses exactly the stored values, which is what makes a
-    saved and reloaded model give bit-identical logits.
+    Sizes on disk are the bit count; the in-memory dequantization uses exactly the stored values,
+    which is what makes a saved and reloaded model give bit-identical logits.
     """
 
     spec: QuantSpec
     shape: tuple[int, int]
-    qcodes: torch.Tensor  # packed uint8
-    scale: torch.Tensor  # fp16, grouped shape (..., 1)
-    qzero: torch.Tensor | None  # packed uint8 zero points, asymmetric only
+    data: dict[str, torch.Tensor]
 
     @classmethod
-    def from_codes(cls, codes: integer.IntCodes, spec: QuantSpec, shape: tuple[int, int]) -> "PackedWeight":
-        zero = None if codes.zero is None else packing.pack(codes.zero, spec.bits)
-        return cls(spec, tuple(shape), packing.pack(codes.codes, spec.bits), codes.scale.to(torch.float16), zero)
+    def from_codes(cls, codes: Any, spec: QuantSpec, shape: tuple[int, int]) -> "PackedWeight":
+        """Pack unpacked codes (as a format's ``quantize`` or GPTQ returns them)."""
+        shape = tuple(shape)
+        return cls(spec, shape, number_format(spec).pack(codes, spec, shape))
 
     @classmethod
     def quantize(cls, weight: torch.Tensor, spec: QuantSpec) -> "PackedWeight":
         """Round-to-nearest on the spec's grid."""
-        codes = integer.quantize(integer.group_view(weight.detach(), spec), spec, torch.float16)
-        return cls.from_codes(codes, spec, tuple(weight.shape))
-
-    def _grouped_shape(self) -> tuple[int, ...]:
-        return tuple(integer.group_view(torch.empty(self.shape, device="meta"), self.spec).shape)
+        return cls.from_codes(number_format(spec).quantize(weight.detach(), spec), spec, tuple(weight.shape))
 
     def dequantize(self) -> torch.Tensor:
-        gshape = self._grouped_shape()
-        numel = self.shape[0] * self.shape[1]
-        codes = packing.unpack(self.qcodes, self.spec.bits, numel).view(gshape)
-        scale = self.scale.float()
-        zero = None
-        if self.qzero is not None:
-            zero = packing.unpack(self.qzero, self.spec.bits, scale.numel()).view(scale.shape)
-        return integer.dequantize(codes, scale, zero, self.spec).reshape(self.shape)
+        fmt = number_format(self.spec)
+        return fmt.dequantize(fmt.unpack(self.data, self.spec, self.shape), self.spec).reshape(self.shape)
+
+    @property
+    def scale(self) -> torch.Tensor | None:
+        """The fp16 scales, for formats that store them."""
+        return self.data.get("qscale")
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        out = {"qcodes": self.qcodes, "qscale": self.scale}
-        if self.qzero is not None:
-            out["qzero"] = self.qzero
-        return out
+        return dict(self.data)
 
     @classmethod
     def from_tensors(cls, spec: QuantSpec, shape: tuple[int, int], t: dict[str, torch.Tensor]) -> "PackedWeight":
-        return cls(spec, tuple(shape), t["qcodes"], t["qscale"], t.get("qzero"))
+        """Rebuild from stored tensors (extra entries such as ``bias`` are ignored; missing ones raise KeyError)."""
+        return cls(spec, tuple(shape), {name: t[name] for name in number_format(spec).stored_names(spec)})
 
     def nbits(self) -> int:
-        """Bits this weight takes on disk: codes, scales and zero points."""
-        return sum(t.numel() * t.element_size() * 8 for t in self.tensors().values())
+        """Bits this weight takes on disk: every stored tensor (codes, scales, zero points, exponents, ids)."""
+        return sum(t.numel() * t.element_size() * 8 for t in self.data.values())

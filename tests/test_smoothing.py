@@ -1,0 +1,261 @@
+"""SmoothQuant and OS+ (smoothing/shifting folded into the model) and static activation scales."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import bitsmith
+from bitsmith.errors import BitsmithError, SpecError
+from bitsmith.models import load_model
+from bitsmith.pipeline import Context, run_calibrated
+from bitsmith.recipes import load_recipe
+from bitsmith.runtime.modules import QuantLinear
+from bitsmith.runtime.online import OnlineShift
+
+STATIC8 = {"act_quant": {"spec": "int8:tensor:sym", "static": True}}
+
+
+def _tokens(n=3, seq=20, seed=0):
+    return torch.randint(3, 96, (n, seq), generator=torch.Generator().manual_seed(seed))
+
+
+def _logits(lm, tokens):
+    with torch.no_grad():
+        return lm.model(input_ids=tokens).logits.double()
+
+
+def _rel(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+def _run(lm, steps, calib):
+    """Run ``steps`` through the calibration pipeline on the token windows ``calib`` (no tokenizer needed)."""
+    recipe = load_recipe({"name": "t", "steps": steps})
+    ctx = Context(lm, None, progress=False)
+    ctx._calib = calib
+    with torch.no_grad():
+        for step in recipe.steps:
+            step.prepare(ctx)
+        run_calibrated(ctx, recipe.steps)
+        for step in recipe.steps:
+            step.finish(ctx)
+    return recipe
+
+
+@pytest.mark.parametrize("which", ["tiny_llama", "tiny_qwen2"])
+@pytest.mark.parametrize("step", [{"smoothquant": {"alpha": 0.5}}, {"osplus": {"threshold": 0.05}}])
+def test_smoothing_alone_keeps_the_float_function(which, step, request):
+    folder, _ = request.getfixturevalue(which)
+    tokens = _tokens()
+    ref = _logits(load_model(str(folder)), tokens)
+    lm = load_model(str(folder))
+    _run(lm, [step], _tokens(8, 32, seed=1))
+    assert _rel(_logits(lm, tokens), ref) < 1e-5
+    block = lm.adapter.blocks()[0]
+    fresh = load_model(str(folder)).adapter.blocks()[0]
+    assert not torch.allclose(block.input_layernorm.weight, fresh.input_layernorm.weight, rtol=1e-3)  # it really acted
+    lin = lm.adapter.block_linears(block)
+    if "osplus" in step:  # shift: online after the norms, in v's bias for o, nothing for down
+        assert isinstance(lin["q"].input_transform, OnlineShift) and isinstance(lin["gate"].input_transform, OnlineShift)
+        assert lin["v"].bias is not None and lin["o"].bias is not None
+        assert getattr(lin["down"], "input_transform", None) is None
+
+
+def test_smoothing_keeps_the_default_model_function(default_lm):
+    """The real model (GQA 9/3 heads, outlier channels): smoothing and shifting alone leave its logits unchanged."""
+    from bitsmith.data.text import builtin_text
+
+    ids = default_lm.tokenizer(builtin_text("eval").text[:4000], return_tensors="pt").input_ids[:, :128]
+    calib = default_lm.tokenizer(builtin_text("calib").text[:4000], return_tensors="pt").input_ids[:, :256].reshape(2, 128)
+    ref = _logits(default_lm, ids)
+    lm = copy.deepcopy(default_lm)
+    _run(lm, [{"smoothquant": {"alpha": 0.5}}, {"osplus": {"threshold": 0.1}}], calib)
+    assert _rel(_logits(lm, ids), ref) < 1e-5
+
+
+def _plain_smoothing_scales(x, weights, alpha):
+    """Reference: s_j = max_t |x_tj|^alpha / max_{i,o} |W_i[o, j]|^(1 - alpha), one channel at a time."""
+    s = []
+    for j in range(x.shape[1]):
+        a = max(abs(float(v)) for v in x[:, j])
+        w = max(abs(float(v)) for wt in weights for v in wt[:, j])
+        s.append(max(a, 1e-5) ** alpha / max(w, 1e-5) ** (1 - alpha))
+    return torch.tensor(s, dtype=torch.float64)
+
+
+def test_smoothing_scales_match_the_reference_formula(tiny_llama):
+    """On fresh random inputs: the q/k/v scale (through the norm) and the GQA-shared o scale (through v)."""
+    folder, model = tiny_llama
+    calib = _tokens(6, 24, seed=7)
+    caught = {}
+
+    def keep(name):
+        def hook(_m, args):
+            caught[name] = args[0].detach().reshape(-1, args[0].shape[-1]).double()
+        return hook
+
+    attn = model.model.layers[0].self_attn
+    handles = [attn.q_proj.register_forward_pre_hook(keep("qkv")), attn.o_proj.register_forward_pre_hook(keep("o"))]
+    with torch.no_grad():
+        model(input_ids=calib)
+    for h in handles:
+        h.remove()
+    lm = load_model(str(folder))
+    old = copy.deepcopy(lm.adapter.blocks()[0])
+    _run(lm, [{"smoothquant": {"alpha": 0.6}}], calib)
+    new = lm.adapter.blocks()[0]
+
+    ref = _plain_smoothing_scales(caught["qkv"], [old.self_attn.q_proj.weight, old.self_attn.k_proj.weight,
+                                                  old.self_attn.v_proj.weight], 0.6)
+    got = old.input_layernorm.weight.double() / new.input_layernorm.weight.double()
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=0)
+
+    heads, kv, hd = 4, 2, 16  # o: channel (head h, d) is fed by v's (kv head h // 2, d); the scale is shared
+    per_q = _plain_smoothing_scales(caught["o"], [old.self_attn.o_proj.weight], 0.6)  # without the sharing
+    x = caught["o"].reshape(-1, heads, hd)
+    w = old.self_attn.o_proj.weight.double().reshape(-1, heads, hd)
+    ref_kv = torch.empty(kv, hd, dtype=torch.float64)
+    for g in range(kv):
+        for d in range(hd):
+            a = max(float(x[:, h, d].abs().max()) for h in range(g * 2, g * 2 + 2))
+            m = max(float(w[:, h, d].abs().max()) for h in range(g * 2, g * 2 + 2))
+            ref_kv[g, d] = a ** 0.6 / m ** 0.4
+    v_cols_smoothed = old.self_attn.v_proj.weight.double() * got  # v also reads the smoothed q/k/v input
+    got_kv = (v_cols_smoothed / new.self_attn.v_proj.weight.double()).mean(1).reshape(kv, hd)
+    torch.testing.assert_close(got_kv, ref_kv, rtol=1e-4, atol=0)
+    assert not torch.allclose(per_q.reshape(heads, hd)[0::2], ref_kv, rtol=1e-3)  # sharing mattered
+
+
+def test_static_scales_save_and_reload_bit_identical(tiny_llama, tmp_path):
+    folder, _ = tiny_llama
+    steps = [{"osplus": {}}, {"act_quant": {"spec": "int8:tensor:asym", "static": True}}, {"rtn": {"weights": "int8:channel"}}]
+    lm = load_model(str(folder))
+    recipe = _run(lm, steps, _tokens(8, 32, seed=1))
+    lm.quant = {"recipe": "t", "source": str(folder)}
+    from bitsmith.checkpoint import save_quantized
+
+    save_quantized(lm, tmp_path / "q", recipe.to_yaml())
+    again = bitsmith.load_model(str(tmp_path / "q"))
+    q = again.adapter.block_linears(again.adapter.blocks()[1])
+    assert q["up"].act_static and q["up"].act_scale is not None and q["up"].act_zero is not None
+    assert isinstance(q["q"].input_transform, OnlineShift)
+    tokens = _tokens(seed=2)
+    assert torch.equal(_logits(lm, tokens), _logits(again, tokens))
+    # the static grid is what runs: a live-range (dynamic) grid gives other logits
+    for lin in again.adapter.block_linears(again.adapter.blocks()[0]).values():
+        lin.act_static = False
+    assert not torch.equal(_logits(again, tokens), _logits(lm, tokens))
+
+
+def test_static_scale_is_calibrated_from_the_smoothed_range(tiny_llama):
+    folder, _ = tiny_llama
+    lm = load_model(str(folder))
+    recipe = _run(lm, [{"smoothquant": {"alpha": 0.5}}, {"act_quant": {"spec": "int8:tensor:sym", "static": True,
+                                                                         "clip_search": False}}], _tokens(8, 32, seed=1))
+    block = lm.adapter.blocks()[0]
+    x = []
+    h = block.self_attn.q_proj.register_forward_pre_hook(lambda m, a: x.append(a[0].reshape(-1, a[0].shape[-1])))
+    # the q/k/v input of block 0 is the (smoothed) norm of the embeddings: its range sets the scale
+    with torch.no_grad():
+        lm.model(input_ids=_tokens(8, 32, seed=1))
+    h.remove()
+    absmax = torch.cat(x).abs().max()
+    q = block.self_attn.q_proj
+    assert q.act_scale.item() == pytest.approx(absmax.item() / 127, rel=1e-4)
+    assert recipe.steps[1].ratios[0]["ratio"] == 1.0
+
+
+def test_uncalibrated_static_linear_refuses_to_run():
+    lin = QuantLinear(torch.randn(4, 8), act_spec=bitsmith.QuantSpec.parse("int8:tensor"), act_static=True)
+    with pytest.raises(BitsmithError, match="not calibrated"):
+        lin(torch.randn(2, 8))
+
+
+@pytest.mark.parametrize("steps, message", [
+    ([{"smoothquant": {"alpha": 1.5}}], "alpha must be a number in"),
+    ([{"smoothquant": {"alpha": 0}}], "alpha must be a number in"),
+    ([{"smoothquant": {"alpha": "best"}}], "alpha must be a number in"),
+    ([{"smoothquant": {"layers": "some"}}], "layers must be one of"),
+    ([{"osplus": {"threshold": 2.0}}], "threshold must be"),
+    ([{"act_quant": {"spec": "int8:token:asym", "static": True}}], "per-token scales are dynamic"),
+    ([{"act_quant": {"spec": "int8:tensor:mse", "static": True}}], "drop ':mse'"),
+])
+def test_bad_arguments_fail_in_one_line(steps, message):
+    with pytest.raises(SpecError, match=message) as e:
+        load_recipe({"steps": steps})
+    assert "\n" not in str(e.value)
+
+
+def test_wrong_step_order_is_explained(tiny_llama):
+    folder, _ = tiny_llama
+    with pytest.raises(BitsmithError, match="put smoothquant before the weight step"):
+        _run(load_model(str(folder)), [{"rtn": {"weights": "int8:channel"}}, {"smoothquant": {}}], _tokens(4, 16))
+    with pytest.raises(BitsmithError, match="solved by a calibrated step"):
+        _run(load_model(str(folder)), [{"smoothquant": {}}, {"gptq": {"weights": "int4:channel"}}], _tokens(4, 16))
+    _run(load_model(str(folder)), [{"smoothquant": {"layers": "norms"}}, {"gptq": {"weights": "int4:channel"}}], _tokens(4, 16))
+    with pytest.raises(BitsmithError, match="after smoothquant"):
+        _run(load_model(str(folder)), [STATIC8, {"smoothquant": {}}], _tokens(4, 16))
+
+
+def test_builtin_recipes_load():
+    for name in ["smoothquant-w8a8", "osplus-w8a8", "smoothquant-w6a6", "osplus-w6a6", "smoothquant-w4a4", "osplus-w4a4"]:
+        rec = load_recipe(name)
+        smooth, act, rtn = rec.steps
+        assert smooth.transforms_inputs and rtn.name == "rtn" and rec.calibration == {"samples": 128, "seq": 512}
+        assert act.static == name.endswith("w8a8") and act.transforms_inputs == act.static
+
+
+# -- real calibration inputs: the quantized layers' output error ---------------------------------------
+
+
+@pytest.fixture(scope="module")
+def three_blocks(default_lm):
+    """The default model cut to its first three blocks, with calibration and held-out windows."""
+    from bitsmith.data.text import builtin_text
+
+    lm = copy.deepcopy(default_lm)
+    lm.model.model.layers = lm.model.model.layers[:3]
+    lm.model.config.num_hidden_layers = 3
+    tok = default_lm.tokenizer
+    calib = tok(builtin_text("calib").text[:60000], return_tensors="pt").input_ids[:, :16 * 128].reshape(16, 128)
+    held = tok(builtin_text("eval").text[:20000], return_tensors="pt").input_ids[:, :2 * 256].reshape(2, 256)
+    return lm, calib, held
+
+
+def _block_output_error(three_blocks, steps):
+    """Relative error of the last block's output (before the final norm) on held-out text."""
+    lm0, calib, held = three_blocks
+
+    def last_hidden(lm):
+        with torch.no_grad():
+            return lm.model(input_ids=held, output_hidden_states=True).hidden_states[-2].double()
+
+    ref = last_hidden(lm0)
+    lm = copy.deepcopy(lm0)
+    _run(lm, steps, calib)
+    return _rel(last_hidden(lm), ref)
+
+
+@pytest.mark.parametrize("setting", ["w8a8-static", "w4a4"])
+def test_smoothing_beats_rtn_on_real_inputs(three_blocks, setting, monkeypatch):
+    """Searched on calibration rows, judged on held-out text: the blocks' output error is lower than RTN's
+    at the setting each paper targets, on the same grids (the static RTN scales are calibrated and clip-searched the same way)."""
+    from bitsmith.algorithms import smoothing
+
+    monkeypatch.setattr(smoothing, "TAP_ROWS", 256)  # fewer kept rows: a faster search, same behaviour
+    monkeypatch.setattr(smoothing, "TAP_HEAVY", 32)
+    w, a = {"w8a8-static": ("int8:channel:sym", STATIC8["act_quant"]),
+            "w4a4": ("int4:channel:sym:mse", {"spec": "int4:token:asym"})}[setting]
+    rtn = _block_output_error(three_blocks, [{"act_quant": a}, {"rtn": {"weights": w}}])
+    sq = _block_output_error(three_blocks, [{"smoothquant": {"alpha": "search"}}, {"act_quant": a}, {"rtn": {"weights": w}}])
+    osp = _block_output_error(three_blocks, [{"osplus": {}}, {"act_quant": a}, {"rtn": {"weights": w}}])
+    # Each paper's claim: SmoothQuant targets W8A8 (static per-tensor is its hard case); OS+ also wins at
+    # W4A4, where SmoothQuant alone is known to fall short (as the OS+ paper reports), and is never worse there.
+    assert osp < 0.8 * rtn, (rtn, sq, osp)
+    if setting == "w8a8-static":
+        assert sq < 0.8 * rtn, (rtn, sq, osp)
+    else:
+        assert osp <= sq, (rtn, sq, osp)

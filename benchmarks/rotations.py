@@ -35,7 +35,10 @@ def recipe(setting: str, method: str, weights: str, samples: int, seq: int, iter
     elif method == "duquant":  # fitted to calibration statistics (same samples as GPTQ)
         steps.append({"duquant": {"r3": kv is not None}})
     elif method == "spinquant":
-        steps.append({"spinquant": {"weights": None if weights == "gptq" else WEIGHTS.replace(":mse", ""),
+        # With GPTQ weights the rotations are learned with float weights (as the paper does), unless
+        # nothing else is quantized (W4A16), where the loss would not depend on the rotation at all.
+        train_w = None if weights == "gptq" and act else WEIGHTS.replace(":mse", "")
+        steps.append({"spinquant": {"weights": train_w,
                                     "activations": act, "kv": kv, "iterations": iterations}})
     if act:
         steps.append({"act_quant": {"spec": act}})
@@ -91,7 +94,7 @@ def _run(code: str, *argv: str) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--settings", default="w4a4kv4,w4a8kv8,w4a16")
-    ap.add_argument("--methods", default="none,quarot,spinquant")
+    ap.add_argument("--methods", default="none,quarot,spinquant,duquant")
     ap.add_argument("--weights", default="rtn,gptq")
     ap.add_argument("--samples", type=int, default=128, help="calibration sequences (GPTQ, SpinQuant, DuQuant)")
     ap.add_argument("--calib-seq", type=int, default=512)
@@ -102,32 +105,46 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=100, help="items per zero-shot task")
     ap.add_argument("--speed-reps", type=int, default=5)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--resume", action="store_true", help="keep the rows already in --json (same options), run the rest")
+    ap.add_argument("--no-speed", action="store_true", help="skip the online-Hadamard throughput table")
     args = ap.parse_args()
 
     import bitsmith
     from bitsmith.eval.report import format_table, protocol_line
 
     tasks = [t for t in args.tasks.split(",") if t]
-    float_row = {"recipe": "float", **bitsmith.evaluate("default", seq=args.seq, windows=args.windows, progress=False,
-                                                        tasks=tasks, limit=args.limit if tasks else None)}
+    done = {}
+    if args.resume:
+        if not args.json or not Path(args.json).exists():
+            raise SystemExit("error: --resume needs the --json file of an earlier run of the same command")
+        done = {r["recipe"]: r for r in json.loads(Path(args.json).read_text())["rows"]}
+    float_row = done.get("float") or {
+        "recipe": "float", **bitsmith.evaluate("default", seq=args.seq, windows=args.windows, progress=False,
+                                               tasks=tasks, limit=args.limit if tasks else None)}
     rows = [float_row]
     for setting in args.settings.split(","):
         for weights in args.weights.split(","):
             for method in args.methods.split(","):
                 rec = recipe(setting, method, weights, args.samples, args.calib_seq, args.iterations)
+                if rec["name"] in done:
+                    rows.append(done[rec["name"]])
+                    continue
                 row = _run(ROW, json.dumps(rec), str(args.windows), str(args.seq), ",".join(tasks),
                            str(args.limit) if tasks else "")
                 rows.append(row)
+                if args.json:  # partial results survive a failure later in the run
+                    Path(args.json).write_text(json.dumps({"rows": rows}, indent=1))
                 print(f"{row['recipe']}: ppl {row['ppl']:.2f} kl {row['kl']:.4f} in {row['quantize_seconds']:.0f} s",
                       file=sys.stderr, flush=True)
-    speed = _run(SPEED, str(args.seq), str(args.speed_reps))
+    speed = None if args.no_speed else _run(SPEED, str(args.seq), str(args.speed_reps))
 
     print(f"model=default  calibration={args.samples}x{args.calib_seq} tokens  spinquant iterations={args.iterations}  "
           + protocol_line(float_row))
     print(format_table(rows))
-    print()
-    print(f"{'prefill tokens/s (seq ' + str(args.seq) + ')':28s} {'float':>8s} {'QuaRot R3+R4':>12s} {'ratio':>6s}")
-    print(f"{'':28s} {speed['plain']:8.0f} {speed['rotated']:12.0f} {speed['rotated'] / speed['plain']:6.3f}")
+    if speed is not None:
+        print()
+        print(f"{'prefill tokens/s (seq ' + str(args.seq) + ')':28s} {'float':>8s} {'QuaRot R3+R4':>12s} {'ratio':>6s}")
+        print(f"{'':28s} {speed['plain']:8.0f} {speed['rotated']:12.0f} {speed['rotated'] / speed['plain']:6.3f}")
     if args.json:
         Path(args.json).write_text(json.dumps({"rows": rows, "speed": speed}, indent=1))
 

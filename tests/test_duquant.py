@@ -24,6 +24,7 @@ from bitsmith.recipes import load_recipe
 from bitsmith.runtime.modules import QuantLinear
 from bitsmith.runtime.online import OnlineBlockRotation, build_transform
 from bitsmith.transforms.hadamard import hadamard_matrix
+from helpers import lm_logits as _logits, rel as _rel, tokens as _tokens
 
 CALIB = {"samples": 4, "seq": 32}
 
@@ -41,19 +42,6 @@ def tiny_calib(tmp_path_factory):
 def random_calibration(monkeypatch):
     """Calibration windows of random token ids (the tiny Qwen2 tokenizer reloads as BPE without merges)."""
     monkeypatch.setattr("bitsmith.pipeline.calibration_batch", lambda tok, text, n, seq, seed: _tokens(n, seq, seed + 7))
-
-
-def _tokens(n=3, seq=20, seed=0):
-    return torch.randint(3, 96, (n, seq), generator=torch.Generator().manual_seed(seed))
-
-
-def _logits(lm, tokens):
-    with torch.no_grad():
-        return lm.model(input_ids=tokens).logits.double()
-
-
-def _rel(a, b):
-    return ((a - b).norm() / b.norm()).item()
 
 
 def _recipe(*steps, **args):

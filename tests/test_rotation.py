@@ -12,21 +12,9 @@ import bitsmith.transforms.hadamard
 from bitsmith.errors import BitsmithError
 from bitsmith.models import load_model
 from bitsmith.runtime.modules import QuantLinear
+from helpers import lm_logits as _logits, rel as _rel, tokens as _tokens
 
 QUAROT_ONLY = {"name": "quarot-float", "steps": [{"quarot": {}}]}
-
-
-def _tokens(n=3, seq=20, seed=0):
-    return torch.randint(3, 96, (n, seq), generator=torch.Generator().manual_seed(seed))
-
-
-def _logits(lm, tokens):
-    with torch.no_grad():
-        return lm.model(input_ids=tokens).logits.double()
-
-
-def _rel(a, b):
-    return ((a - b).norm() / b.norm()).item()
 
 
 @pytest.mark.parametrize("which", ["tiny_llama", "tiny_qwen2"])

@@ -14,21 +14,9 @@ from bitsmith.pipeline import Context, run_calibrated
 from bitsmith.recipes import load_recipe
 from bitsmith.runtime.modules import QuantLinear
 from bitsmith.runtime.online import OnlineShift
+from helpers import lm_logits as _logits, rel as _rel, tokens as _tokens
 
 STATIC8 = {"act_quant": {"spec": "int8:tensor:sym", "static": True}}
-
-
-def _tokens(n=3, seq=20, seed=0):
-    return torch.randint(3, 96, (n, seq), generator=torch.Generator().manual_seed(seed))
-
-
-def _logits(lm, tokens):
-    with torch.no_grad():
-        return lm.model(input_ids=tokens).logits.double()
-
-
-def _rel(a, b):
-    return ((a - b).norm() / b.norm()).item()
 
 
 def _run(lm, steps, calib):

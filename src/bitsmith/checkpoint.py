@@ -48,6 +48,7 @@ def describe_modules(module: nn.Module, prefix: str = "") -> tuple[dict, dict]:
                 "bias": m.bias is not None,
                 "input": None if m.act_spec is None else m.act_spec.to_dict(),
                 "input_static": m.act_static,  # calibrated per-tensor grid in buffers act_scale/act_zero
+                "input_cross": m.act_cross,  # CrossQuant alpha, or None
                 "transform": None if m.input_transform is None else m.input_transform.describe(),
             }
         elif isinstance(m, QuantEmbedding):
@@ -185,7 +186,8 @@ def load_quantized(path: str | Path) -> LoadedModel:
                     transform.load_state_dict(
                         {k[len("input_transform."):]: v for k, v in own.items() if k.startswith("input_transform.")})
                 static = bool(info.get("input_static", False))
-                quantized[name] = QuantLinear(weight, own.get("bias"), act, transform, act_static=static)
+                quantized[name] = QuantLinear(weight, own.get("bias"), act, transform, act_static=static,
+                                              act_cross=info.get("input_cross"))
                 if static:
                     quantized[name].set_static_input(own["act_scale"], own.get("act_zero"))
     except (KeyError, TypeError, ValueError, RuntimeError) as e:

@@ -9,8 +9,9 @@ String grammar (parts separated by ``:``, any order after the first)::
     <format><bits>              format and width: int2..int8, fp3..fp8, nf4, mxfp4|mxfp6|mxfp8,
                                 mxint8, bitmod3|bitmod4, olive4
     e<X>m<Y>                    exponent/mantissa split of a float element (fp, mxfp; 1 + X + Y = bits)
-    tensor|channel|token|head   granularity (default: channel; MX: blocks of 32)
-    g<N>                        groups of N along the reduced dimension (alone: per-group weights)
+    tensor|channel|token|head|ic  granularity (default: channel; MX: blocks of 32)
+    g<N>                        groups of N along the reduced dimension (alone: per-group weights;
+                                with ic: N output rows)
     sym|asym                    symmetric (default) or asymmetric with a zero point (int only)
     minmax|mse                  scale search: range of the data, or MSE-optimal clipping
     r<ratio>                    fixed clipping ratio in (0, 1], e.g. r0.9
@@ -18,7 +19,10 @@ String grammar (parts separated by ``:``, any order after the first)::
 Granularity meanings: ``tensor`` one scale; ``channel`` one per output channel (weight rows);
 ``group`` one per output channel and group of ``group_size`` input columns; ``token`` one per
 token (activations, dynamic); ``head`` one per token and attention head (KV cache). ``token`` and
-``head`` accept ``g<N>`` to split each token or head vector further.
+``head`` accept ``g<N>`` to split each token or head vector further. ``ic`` (per-IC, AdaDim,
+arXiv 2309.15531): weights, one scale per *input* column and group of ``group_size`` output rows
+(``ic`` alone: one per input column), so an input channel hit by activation outliers gets its own
+grid; stored as the transposed weight grouped per row (:func:`bitsmith.formats.registry.oriented`).
 
 Formats (the numerics live in :mod:`bitsmith.formats`; :mod:`bitsmith.formats.registry` maps each
 name to them):
@@ -47,9 +51,9 @@ from typing import Any, Mapping
 
 from bitsmith.errors import SpecError
 
-GRANULARITIES = ("tensor", "channel", "group", "token", "head")
+GRANULARITIES = ("tensor", "channel", "group", "token", "head", "ic")
 CLIPS = ("minmax", "mse")
-WEIGHT_GRANULARITIES = ("tensor", "channel", "group")
+WEIGHT_GRANULARITIES = ("tensor", "channel", "group", "ic")
 ACTIVATION_GRANULARITIES = ("tensor", "token")
 KV_GRANULARITIES = ("head", "token")
 MX_BLOCK = 32  # OCP MX v1.0: 32 elements share one scale

@@ -11,6 +11,10 @@ coarse to fine, for the least output error ``sum_i ||(Q(X) - X) W_i^T||^2`` of t
 on real calibration rows (:class:`bitsmith.algorithms.smoothing.InputTap`): the percentile-like
 clipping of the SmoothQuant/OS+ calibrators, judged by what the layer outputs rather than by the
 activation's own error. ``clip_search: false`` keeps the spec's ratio (min/max by default).
+
+``cross: <alpha>`` (or ``true``: the paper's 0.15) quantizes with CrossQuant (arXiv 2410.07505,
+:mod:`bitsmith.formats.crossquant`) instead of per token: dynamic steps ``t_i^alpha c_j^(1-alpha)``
+from the token's and the channel's absolute maxima, on a symmetric per-token integer spec.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import torch
 
 from bitsmith.algorithms.smoothing import STATIC_GRID, InputTap, grid_argmin, static_grid
 from bitsmith.errors import BitsmithError, SpecError
+from bitsmith.formats import crossquant
 from bitsmith.registry import Step, register_step
 from bitsmith.runtime.modules import QuantLinear, static_input_params
 from bitsmith.spec import ACTIVATION_GRANULARITIES, QuantSpec
@@ -47,15 +52,22 @@ def search_static_ratio(x: torch.Tensor, row_weight: torch.Tensor, lo: float, hi
 @dataclass
 class ActQuant(Step):
     """Recipe step: ``spec``, ``lm_head``; ``static`` (per-tensor integer scales calibrated once) with
-    ``clip_search`` (search the static range's clipping, default true)."""
+    ``clip_search`` (search the static range's clipping, default true); ``cross`` (CrossQuant alpha)."""
 
     spec: str | dict
     lm_head: bool = False
     static: bool = False
     clip_search: bool = True
+    cross: float | bool | None = None
 
     def __post_init__(self) -> None:
         self.qspec = QuantSpec.coerce(self.spec).require(ACTIVATION_GRANULARITIES, "activations")
+        self.alpha = crossquant.ALPHA if self.cross is True else (None if self.cross is False else self.cross)
+        if self.alpha is not None:
+            if self.static:
+                raise SpecError("act_quant: CrossQuant steps are dynamic (row and column maxima of the live input); "
+                                "drop static: true or cross")
+            crossquant.check(self.qspec, self.alpha)
         for key in ("static", "clip_search"):
             if not isinstance(getattr(self, key), bool):
                 raise SpecError(f"act_quant: {key} must be true or false, got {getattr(self, key)!r}")
@@ -79,6 +91,7 @@ class ActQuant(Step):
         for role, linear in ad.block_linears(block).items():
             q = QuantLinear.from_linear(linear, self.qspec)
             q.act_static = self.static
+            q.act_cross = self.alpha
             q.set_static_input(None)
             ad.set_block_linear(block, role, q)
         if self.static and self.clip_search:
@@ -110,4 +123,6 @@ class ActQuant(Step):
             InputTap.close(ctx)
         ad = ctx.lm.adapter
         if self.lm_head:
-            ad.set_lm_head(QuantLinear.from_linear(ad.lm_head(), self.qspec))
+            head = QuantLinear.from_linear(ad.lm_head(), self.qspec)
+            head.act_cross = self.alpha
+            ad.set_lm_head(head)

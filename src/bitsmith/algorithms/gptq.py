@@ -20,6 +20,10 @@ each format's grid parameters and per-column rounding, so GPTQ runs on minifloat
 per channel or group), NF4, MX (the shared block exponent fixed from the weights before its columns
 are rounded: from the original weights under act-order or static groups, the default) and BitMoD
 (scale and datatype per group fixed the same way). OliVe is not supported (pairs, not columns).
+
+Per-IC specs (``ic``, AdaDim, arXiv 2309.15531) suit the column order: each input column has its own
+grid (one per group of output rows), set from that column as updated by the columns before it, just
+before it is rounded (``static_groups``: from the original weights up front).
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ from torch import nn
 from bitsmith.calibration import InputStats
 from bitsmith.errors import BitsmithError, SpecError
 from bitsmith.formats import integer
-from bitsmith.formats.registry import NumberFormat, number_format, slice_rows
+from bitsmith.formats.registry import NumberFormat, number_format, oriented, slice_rows
 from bitsmith.registry import Step, register_step
 from bitsmith.runtime.modules import QuantLinear
 from bitsmith.runtime.qweight import PackedWeight
@@ -63,6 +67,18 @@ def _format_grid(w: torch.Tensor, spec: QuantSpec, fmt: NumberFormat) -> torch.T
     if spec.granularity == "tensor":
         return fmt.grid(w.reshape(1, -1), spec).expand(w.shape[0], -1)
     return fmt.grid(w, spec)
+
+
+def _ic_grid(wt: torch.Tensor, ospec: QuantSpec, fmt: NumberFormat) -> torch.Tensor:
+    """Per-IC grid parameters ``(cols, rows, k)`` for columns ``wt`` ``(cols, rows)`` of W, each its own grid.
+
+    ``ospec`` is the per-row spec of the transposed weight (:func:`~bitsmith.formats.registry.oriented`).
+    """
+    cols, rows = wt.shape
+    gp = fmt.grid(integer.group_view(wt, ospec), ospec)
+    if ospec.granularity == "channel":  # one grid per column: (cols, k)
+        return gp.unsqueeze(1).expand(cols, rows, gp.shape[-1])
+    return gp.repeat_interleave(ospec.group_size, dim=1)  # (cols, rows // g, k) -> (cols, rows, k)
 
 
 def _inverse_hessian_factor(h: torch.Tensor, damp: float) -> torch.Tensor:
@@ -116,9 +132,9 @@ def gptq_quantize(
         raise BitsmithError("GPTQ: the calibration Hessian holds NaN or inf; the model produced non-finite activations")
     w = weight.detach().float().clone()
     rows, cols = w.shape
-    group = spec.group_size if spec.granularity == "group" else None
-    if group is not None:
-        integer.group_view(w, spec)  # raises a clear error when the group size does not divide
+    spec, _, per_ic = oriented(spec, (rows, cols))  # per-IC: grids of the transposed weight's rows
+    group = spec.group_size if spec.granularity == "group" and not per_ic else None
+    integer.group_view(w.T if per_ic else w, spec)  # raises a clear error when the group size does not divide
     h = h.clone().double()
     dead = torch.diag(h) == 0
     h[dead, dead] = 1.0
@@ -126,17 +142,21 @@ def gptq_quantize(
 
     perm = torch.argsort(torch.diag(h), descending=True, stable=True) if act_order else torch.arange(cols)
     static = group is not None and (static_groups or act_order)
-    # Grids fixed up front (per tensor/channel always; per group when static): for each column, the
-    # (rows, k) grid parameters of the format (integers: scale and zero point).
+    fixed = static_groups if per_ic else (group is None or static)
+    # Grids fixed up front (per tensor/channel always; per group when static; per-IC with
+    # static_groups): for each column, the (rows, k) grid parameters of the format (integers: scale
+    # and zero point).
     k = fmt.grid_width
-    if group is None:
+    if per_ic:
+        col_params = _ic_grid(w.T, spec, fmt) if fixed else torch.empty(cols, rows, k)
+    elif group is None:
         col_params = _format_grid(w, spec, fmt).unsqueeze(0).expand(cols, rows, k)
     elif static:
         gp = fmt.grid(w.view(rows, cols // group, group), spec)  # (rows, groups, k)
         col_params = gp.unsqueeze(2).expand(rows, cols // group, group, k).reshape(rows, cols, k).transpose(0, 1)
     else:
         col_params = torch.empty(cols, rows, k)
-    if group is None or static:
+    if fixed:
         col_params = col_params[perm].contiguous()
 
     # Work on W^T so that a column of W is a contiguous row.
@@ -155,6 +175,8 @@ def gptq_quantize(
             c = i1 + j
             if group is not None and not static and c % group == 0:
                 col_params[c : c + group] = fmt.grid(w1[j : j + group].T, spec)
+            elif per_ic and not fixed:
+                col_params[c] = _ic_grid(w1[j : j + 1], spec, fmt)[0]
             col = w1[j]
             q, value = fmt.round(col, col_params[c], spec)
             codes[c] = q
@@ -164,6 +186,8 @@ def gptq_quantize(
         wt[i2:].addmm_(u[i1:i2, i2:].T, err1, alpha=-1.0)
 
     inv = torch.argsort(perm)
+    if per_ic:  # codes (cols, rows) are already the transposed weight's layout
+        return fmt.from_columns(codes[inv], col_params[inv], spec)
     return fmt.from_columns(codes[inv].T, col_params[inv].transpose(0, 1), spec)
 
 
@@ -182,12 +206,17 @@ def gptq_reference(weight: torch.Tensor, h: torch.Tensor, spec: QuantSpec, damp:
     w[:, dead] = 0.0
     h += damp * torch.diag(h).mean() * torch.eye(cols, dtype=h.dtype)
     hinv = torch.linalg.inv(h)
-    group = spec.group_size if spec.granularity == "group" else None
-    if group is None:
+    spec, _, per_ic = oriented(spec, (rows, cols))
+    group = spec.group_size if spec.granularity == "group" and not per_ic else None
+    if group is None and not per_ic:
         s, z = _grid(w.float(), spec)
     codes = torch.empty(rows, cols, dtype=torch.float64)
     for j in range(cols):
-        if group is not None and j % group == 0:
+        if per_ic:  # the column's own grid, from its updated values, per group of rows
+            size = spec.group_size or rows
+            s, z = integer.choose_params(w[:, j].float().reshape(-1, size), spec, torch.float16)
+            s, z = s.repeat_interleave(size, 0), z.repeat_interleave(size, 0)
+        elif group is not None and j % group == 0:
             s, z = integer.choose_params(w[:, j : j + group].float(), spec, torch.float16)
         scale, zero = s[:, 0].double(), z[:, 0].double()
         q = _round(w[:, j], scale, zero, spec.bits)
@@ -228,7 +257,8 @@ class GPTQ(Step):
             return {}
         # Rows are solved independently under one Hessian, so linears sharing an input (q/k/v,
         # gate/up) go through one GPTQ pass; only a per-tensor grid couples rows.
-        batches = [[r] for r in linears] if self.spec.granularity == "tensor" else [list(linears)]
+        # A per-IC group of rows must not straddle two roles either.
+        batches = [[r] for r in linears] if self.spec.granularity in ("tensor", "ic") else [list(linears)]
         out = {}
         for roles in batches:
             weight = torch.cat([linears[r].weight for r in roles])
@@ -237,7 +267,7 @@ class GPTQ(Step):
             start = 0
             for r in roles:
                 rows = linears[r].weight.shape[0]
-                part = slice_rows(codes, start, start + rows)
+                part = codes if len(roles) == 1 else slice_rows(codes, start, start + rows)
                 q = QuantLinear.from_linear(linears[r])
                 q.set_packed(PackedWeight.from_codes(part, self.spec, tuple(linears[r].weight.shape)))
                 out[r] = q

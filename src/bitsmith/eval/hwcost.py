@@ -105,6 +105,8 @@ def operand(spec: SpecLike) -> Operand:
 
 def _reduction_group(q: QuantSpec) -> int | None:
     """Group size along the reduced dimension, or None when the scale is constant over a dot product."""
+    if q.granularity == "ic":  # per-IC weights: the scale changes with every input column
+        return 1
     if q.granularity == "group" or (q.granularity in ("token", "head") and q.group_size is not None):
         return q.group_size
     return None

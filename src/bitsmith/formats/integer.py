@@ -47,6 +47,9 @@ def group_view(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     arranged with the head dimension last.
     """
     g = spec.granularity
+    if g == "ic":
+        raise SpecError(f"spec '{spec}': per-IC weights are grouped on the transposed weight; "
+                        "go through bitsmith.formats.registry.oriented")
     if g == "tensor":
         return x.reshape(1, -1)
     if g == "channel":

@@ -116,13 +116,32 @@ def _load_builtin_formats() -> None:
 # -- dispatch helpers used across the package ----------------------------------------------------
 
 
+def oriented(spec: QuantSpec, shape: tuple[int, ...]) -> tuple[QuantSpec, tuple[int, ...], bool]:
+    """(spec, shape, transposed) as the format objects see a weight.
+
+    Per-IC specs (``ic``, AdaDim) group along the output dimension: the weight is handled as its
+    transpose ``(in, out)`` with the per-row equivalent spec (``group`` of N rows, or ``channel``), so
+    every format's numerics and storage serve per-IC unchanged. Other specs pass through.
+    """
+    if spec.granularity != "ic":
+        return spec, tuple(shape), False
+    if len(shape) != 2:
+        raise SpecError(f"spec '{spec}': per-IC scales need a 2-D (out, in) weight, got shape {tuple(shape)}")
+    rows = dataclasses.replace(spec, granularity="group" if spec.group_size is not None else "channel")
+    return rows, (shape[1], shape[0]), True
+
+
 def fake_quantize(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     """Quantize and dequantize ``x`` dynamically (activations, KV cache) in ``spec``'s format."""
+    spec, _, transposed = oriented(spec, tuple(x.shape))
+    if transposed:  # a per-IC weight (SpinQuant's straight-through weight quantizer)
+        return number_format(spec).fake_quantize(x.T, spec).T
     return number_format(spec).fake_quantize(x, spec)
 
 
 def stored_bits(spec: QuantSpec, shape: tuple[int, int]) -> int:
     """Exact bits a weight of ``shape`` takes on disk in ``spec``'s format."""
+    spec, shape, _ = oriented(spec, shape)
     return number_format(spec).stored_bits(spec, tuple(shape))
 
 

@@ -7,6 +7,7 @@ from the live tensor) with the spec given, in any number format of :mod:`bitsmit
 folded into the previous layer) runs on the input first. A linear may instead quantize its input
 *statically* (``act_static``): integer, one scale (and zero point) for the whole tensor, calibrated
 once (:mod:`bitsmith.algorithms.activations`) and saved with the model, not taken from the live tensor.
+Or with CrossQuant steps (``act_cross``: its alpha; :mod:`bitsmith.formats.crossquant`), dynamic too.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bitsmith.errors import BitsmithError
+from bitsmith.formats import crossquant
 from bitsmith.formats.registry import fake_quantize
 from bitsmith.runtime.online import OnlineTransform
 from bitsmith.runtime.qweight import STORED_NAMES, PackedWeight
@@ -33,16 +35,16 @@ class _LastInput:
 
     x: torch.Tensor | None = None
     copy: torch.Tensor | None = None
-    spec: QuantSpec | None = None
+    key: tuple | None = None
     out: torch.Tensor | None = None
 
 
-def _dynamic_quantize(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+def _dynamic_quantize(x: torch.Tensor, spec: QuantSpec, cross: float | None = None) -> torch.Tensor:
     last = _LastInput
-    if last.x is x and last.spec == spec and torch.equal(last.copy, x):
+    if last.x is x and last.key == (spec, cross) and torch.equal(last.copy, x):
         return last.out
-    out = fake_quantize(x, spec)
-    last.x, last.copy, last.spec, last.out = x, x.detach().clone(), spec, out
+    out = fake_quantize(x, spec) if cross is None else crossquant.fake_quantize(x, spec, cross)
+    last.x, last.copy, last.key, last.out = x, x.detach().clone(), (spec, cross), out
     return out
 
 
@@ -93,6 +95,7 @@ class QuantLinear(nn.Module):
         act_spec: QuantSpec | None = None,
         input_transform: OnlineTransform | None = None,
         act_static: bool = False,
+        act_cross: float | None = None,
     ) -> None:
         super().__init__()
         self.packed: PackedWeight | None = None
@@ -101,6 +104,7 @@ class QuantLinear(nn.Module):
         # Static input quantization: one calibrated scale (and zero point) for the whole input,
         # persistent buffers set by set_static_input; until then the layer refuses to run.
         self.act_static = act_static
+        self.act_cross = act_cross  # CrossQuant alpha (dynamic row x column steps), or None
         self.register_buffer("act_scale", None)
         self.register_buffer("act_zero", None)
         if isinstance(weight, PackedWeight):
@@ -140,7 +144,7 @@ class QuantLinear(nn.Module):
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
         """Activation quantization of the (transformed) input: dynamic, or on the calibrated static grid."""
         if not self.act_static:
-            return _dynamic_quantize(x, self.act_spec)
+            return _dynamic_quantize(x, self.act_spec, self.act_cross)
         if self.act_scale is None:
             raise BitsmithError("static activation scale not calibrated; static act_quant needs the calibration pipeline")
         return static_fake_quantize(x, self.act_spec, self.act_scale, self.act_zero)
@@ -156,6 +160,8 @@ class QuantLinear(nn.Module):
         a = str(self.act_spec) if self.act_spec is not None else "float"
         if self.act_static:
             a += " static"
+        if self.act_cross is not None:
+            a += f" crossquant(alpha={self.act_cross:g})"
         t = "" if self.input_transform is None else f", online={self.input_transform.kind}"
         return f"in={self.in_features}, out={self.out_features}, weight={w}, input={a}{t}"
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from bitsmith.formats.registry import number_format
+from bitsmith.formats.registry import number_format, oriented
 from bitsmith.spec import QuantSpec
 
 # Every buffer name a format may store (quantized modules drop stale ones when the format changes).
@@ -26,7 +26,9 @@ class PackedWeight:
     """The stored tensors of an ``(out, in)`` weight in ``spec``'s format.
 
     Sizes on disk are the bit count; the in-memory dequantization uses exactly the stored values,
-    which is what makes a saved and reloaded model give bit-identical logits.
+    which is what makes a saved and reloaded model give bit-identical logits. Per-IC specs store the
+    transposed weight's codes (:func:`~bitsmith.formats.registry.oriented`); codes handed to
+    ``from_codes`` are in that layout.
     """
 
     spec: QuantSpec
@@ -37,16 +39,21 @@ class PackedWeight:
     def from_codes(cls, codes: Any, spec: QuantSpec, shape: tuple[int, int]) -> "PackedWeight":
         """Pack unpacked codes (as a format's ``quantize`` or GPTQ returns them)."""
         shape = tuple(shape)
-        return cls(spec, shape, number_format(spec).pack(codes, spec, shape))
+        ospec, oshape, _ = oriented(spec, shape)
+        return cls(spec, shape, number_format(ospec).pack(codes, ospec, oshape))
 
     @classmethod
     def quantize(cls, weight: torch.Tensor, spec: QuantSpec) -> "PackedWeight":
         """Round-to-nearest on the spec's grid."""
-        return cls.from_codes(number_format(spec).quantize(weight.detach(), spec), spec, tuple(weight.shape))
+        ospec, _, transposed = oriented(spec, tuple(weight.shape))
+        w = weight.detach().T.contiguous() if transposed else weight.detach()
+        return cls.from_codes(number_format(ospec).quantize(w, ospec), spec, tuple(weight.shape))
 
     def dequantize(self) -> torch.Tensor:
-        fmt = number_format(self.spec)
-        return fmt.dequantize(fmt.unpack(self.data, self.spec, self.shape), self.spec).reshape(self.shape)
+        ospec, oshape, transposed = oriented(self.spec, self.shape)
+        fmt = number_format(ospec)
+        w = fmt.dequantize(fmt.unpack(self.data, ospec, oshape), ospec).reshape(oshape)
+        return w.T.contiguous() if transposed else w
 
     @property
     def scale(self) -> torch.Tensor | None:
@@ -59,7 +66,8 @@ class PackedWeight:
     @classmethod
     def from_tensors(cls, spec: QuantSpec, shape: tuple[int, int], t: dict[str, torch.Tensor]) -> "PackedWeight":
         """Rebuild from stored tensors (extra entries such as ``bias`` are ignored; missing ones raise KeyError)."""
-        return cls(spec, tuple(shape), {name: t[name] for name in number_format(spec).stored_names(spec)})
+        ospec = oriented(spec, tuple(shape))[0]
+        return cls(spec, tuple(shape), {name: t[name] for name in number_format(ospec).stored_names(ospec)})
 
     def nbits(self) -> int:
         """Bits this weight takes on disk: every stored tensor (codes, scales, zero points, exponents, ids)."""

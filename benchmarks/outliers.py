@@ -1,20 +1,29 @@
-"""Outlier handling without rotation on the default model: RTN vs SmoothQuant vs OS+.
+"""Outlier handling without rotation on the default model: RTN vs SmoothQuant, OS+, CrossQuant, DGQ, AdaDim.
 
-    python benchmarks/outliers.py [--settings w8a8,w6a6,w4a8,w4a4] [--methods rtn,smoothquant,osplus]
+    python benchmarks/outliers.py [--settings w8a8,w8a8d,w6a6,w4a8,w4a4,w4a16-g64,w3a16-g64]
+                                  [--methods rtn,smoothquant,osplus,crossquant,dgq,gptq,adadim,adadim-gptq]
                                   [--samples 128] [--calib-seq 512] [--tasks piqa,arc_easy --limit 100]
 
-Settings (weights RTN per output channel, symmetric; activations of every block linear; KV cache and
-lm_head float):
+Settings (weights per output channel, symmetric, unless stated; activations of every block linear;
+KV cache and lm_head float):
 
 * ``w8a8``: int8 weights; int8 activations with *static* per-tensor symmetric scales, calibrated once
   (clipping searched), the hard case of SmoothQuant's W8A8;
+* ``w8a8d``: int8 weights; int8 activations per token, dynamic (CrossQuant's W8A8);
 * ``w6a6``, ``w4a8``, ``w4a4``: int6/int4 weights (MSE clipping); int6/int8/int4 activations per token,
-  asymmetric, dynamic (the protocol under which OmniQuant and OS+ report LLaMA W6A6 and W4A4).
+  asymmetric, dynamic (the protocol under which OmniQuant and OS+ report LLaMA W6A6 and W4A4);
+* ``w4a16-g64``, ``w3a16-g64``: weight-only, int4 symmetric / int3 asymmetric in groups of 64, MSE
+  clipping (AdaDim's setting).
 
-SmoothQuant and OS+ rows use the built-in recipes ``smoothquant-<setting>``/``osplus-<setting>`` where
-they exist (W4A8 is built here the same way); the RTN row of a setting quantizes to exactly the same
-grids without smoothing (its static scales are calibrated and clip-searched the same way). Each row
-runs in its own process; ratios are against the RTN row of the same setting measured in this run.
+Methods apply where their paper does (a method/setting pair that does not is skipped): ``smoothquant``,
+``osplus`` on the weight-activation settings; ``crossquant`` (dynamic steps from row and column maxima,
+symmetric, so not the static ``w8a8``) on the dynamic ones; ``dgq`` (A8W4: INT4 weights in groups of 64
+whose scales are INT8 multiples of a per-channel scale, so the product runs in INT8) at ``w4a8``;
+``gptq``, ``adadim`` (per layer per-OC or per-IC groups, RTN) and ``adadim-gptq`` on the weight-only
+settings. SmoothQuant, OS+ and DGQ rows use the built-in recipes ``<method>-<setting>`` where they exist;
+the RTN row of a setting quantizes to exactly the same grids with nothing else (its static scales are
+calibrated and clip-searched the same way). Each row runs in its own process; ratios are against the RTN
+row of the same setting measured in this run.
 """
 
 from __future__ import annotations
@@ -27,23 +36,49 @@ from pathlib import Path
 
 SETTINGS = {
     "w8a8": ("int8:channel:sym", {"spec": "int8:tensor:sym", "static": True}),
+    "w8a8d": ("int8:channel:sym", {"spec": "int8:token:sym"}),
     "w6a6": ("int6:channel:sym:mse", {"spec": "int6:token:asym"}),
     "w4a8": ("int4:channel:sym:mse", {"spec": "int8:token:asym"}),
     "w4a4": ("int4:channel:sym:mse", {"spec": "int4:token:asym"}),
+    "w4a16-g64": ("int4:g64:sym:mse", None),
+    "w3a16-g64": ("int3:g64:asym:mse", None),
 }
+WEIGHT_ONLY = ("gptq", "adadim", "adadim-gptq")
+
+
+def applies(setting: str, method: str) -> bool:
+    act = SETTINGS[setting][1]
+    if method == "rtn":
+        return True
+    if act is None:
+        return method in WEIGHT_ONLY
+    if method == "crossquant":
+        return not act.get("static", False)
+    if method == "dgq":
+        return setting == "w4a8"
+    return method in ("smoothquant", "osplus")
 
 
 def recipe(setting: str, method: str, samples: int, seq: int) -> dict:
     from bitsmith.recipes import builtin_names, load_recipe
 
     weights, act = SETTINGS[setting]
+    acts = [] if act is None else [{"act_quant": act}]
     if method != "rtn" and f"{method}-{setting}" in builtin_names():
         rec = dict(load_recipe(f"{method}-{setting}").raw)
     elif method == "rtn":
-        rec = {"name": f"rtn-{setting}", "steps": [{"act_quant": act}, {"rtn": {"weights": weights}}]}
+        rec = {"steps": acts + [{"rtn": {"weights": weights}}]}
+    elif method == "crossquant":  # symmetric by construction (steps from absolute maxima)
+        cross = {"spec": act["spec"].replace(":asym", ":sym"), "cross": True}
+        rec = {"steps": [{"act_quant": cross}, {"rtn": {"weights": weights}}]}
+    elif method == "gptq":
+        rec = {"steps": [{"gptq": {"weights": weights}}]}
+    elif method.startswith("adadim"):
+        solver = "gptq" if method.endswith("gptq") else "rtn"
+        rec = {"steps": [{"adadim": {"weights": weights, "solver": solver}}]}
     else:
         args = {"alpha": "search"} if method == "smoothquant" else {}
-        rec = {"name": f"{method}-{setting}", "steps": [{method: args}, {"act_quant": act}, {"rtn": {"weights": weights}}]}
+        rec = {"steps": [{method: args}] + acts + [{"rtn": {"weights": weights}}]}
     rec["name"] = f"{method}-{setting}"
     rec["calibration"] = {"samples": samples, "seq": seq}
     return rec
@@ -80,8 +115,8 @@ def run_row(rec: dict, args, tasks: list[str]) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--settings", default="w8a8,w6a6,w4a8,w4a4")
-    ap.add_argument("--methods", default="rtn,smoothquant,osplus")
+    ap.add_argument("--settings", default=",".join(SETTINGS))
+    ap.add_argument("--methods", default="rtn,smoothquant,osplus,crossquant,dgq,gptq,adadim,adadim-gptq")
     ap.add_argument("--samples", type=int, default=128, help="calibration sequences")
     ap.add_argument("--calib-seq", type=int, default=512, help="calibration sequence length")
     ap.add_argument("--seq", type=int, default=512, help="evaluation window")
@@ -103,7 +138,7 @@ def main() -> None:
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     for setting in [s.strip() for s in args.settings.split(",") if s.strip()]:
         base = None
-        for method in methods:
+        for method in [m for m in methods if applies(setting, m)]:
             row = run_row(recipe(setting, method, args.samples, args.calib_seq), args, tasks)
             if method == "rtn":
                 base = row

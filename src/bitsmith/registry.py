@@ -86,4 +86,4 @@ def make_step(name: str, args: dict[str, Any] | None) -> Step:
 
 def _load_builtin_steps() -> None:
     # Importing the modules runs their @register_step decorators.
-    from bitsmith.algorithms import activations, adadim, duquant, gptq, kv_cache, osplus, quarot, rtn, smoothquant, spinquant  # noqa: F401
+    from bitsmith.algorithms import activations, adadim, dgq, duquant, gptq, kv_cache, osplus, quarot, rtn, smoothquant, spinquant  # noqa: F401

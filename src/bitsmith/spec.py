@@ -7,7 +7,7 @@ is built, so a typo fails at parse time, naming the field, not hours later insid
 String grammar (parts separated by ``:``, any order after the first)::
 
     <format><bits>              format and width: int2..int8, fp3..fp8, nf4, mxfp4|mxfp6|mxfp8,
-                                mxint8, bitmod3|bitmod4, olive4
+                                mxint8, bitmod3|bitmod4, olive4, dg4
     e<X>m<Y>                    exponent/mantissa split of a float element (fp, mxfp; 1 + X + Y = bits)
     tensor|channel|token|head|ic  granularity (default: channel; MX: blocks of 32)
     g<N>                        groups of N along the reduced dimension (alone: per-group weights;
@@ -41,6 +41,10 @@ name to them):
   special value) and stores its 2-bit id next to the scale. Weights only (tensor/channel/group).
 * ``olive``: OliVe outlier-victim pairs (4 bits: one byte per element pair). Its scale is searched
   by MSE by default, as the paper does (``minmax`` gives plain absmax, i.e. no outlier pairs).
+* ``dg``: dual-grained INT4 (DGQ, arXiv 2310.04836): 4-bit codes in groups (``g<N>`` required) whose
+  scales are an INT8 integer per group times one fp16 scale per output channel, so the weight
+  dequantizes to INT8 for one int8 x int8 product. Weights only; asymmetric (zero points) and MSE
+  clipping by default, as the paper's grid search (:mod:`bitsmith.formats.dual_grained`).
 """
 
 from __future__ import annotations
@@ -76,6 +80,7 @@ class FormatRule:
     clips: tuple[str, ...] = CLIPS
     default_clip: str = "minmax"
     zero_point: bool = False  # whether 'asym' means anything
+    default_symmetric: bool = True
     example: str = ""
 
 
@@ -89,6 +94,8 @@ FORMAT_RULES: dict[str, FormatRule] = {
     "mxint": FormatRule(bits=(8,), granularities=("group",), block=MX_BLOCK, clips=("minmax",), example="mxint8"),
     "bitmod": FormatRule(bits=(3, 4), granularities=WEIGHT_GRANULARITIES, example="bitmod3:g64"),
     "olive": FormatRule(bits=(4,), default_clip="mse", example="olive4:g64"),
+    "dg": FormatRule(bits=(4,), granularities=("group",), zero_point=True, default_symmetric=False, default_clip="mse",
+                     example="dg4:g64"),
 }
 FORMATS = tuple(FORMAT_RULES)
 
@@ -101,7 +108,7 @@ def _is_int(v: Any) -> bool:
 class QuantSpec:
     """How to quantize one tensor (see the module docstring for the string form).
 
-    ``element``, ``granularity`` and ``clip`` default to the format's own defaults (None here),
+    ``element``, ``granularity``, ``symmetric`` and ``clip`` default to the format's own defaults (None here),
     filled in at construction, so a spec always holds its full, explicit meaning.
     """
 
@@ -109,7 +116,7 @@ class QuantSpec:
     bits: int = 8
     granularity: str | None = None
     group_size: int | None = None
-    symmetric: bool = True
+    symmetric: bool | None = None
     clip: str | None = None
     clip_ratio: float = 1.0
     element: str | None = None
@@ -124,8 +131,9 @@ class QuantSpec:
                             f"{', '.join(map(str, rule.bits))} (e.g. '{rule.example}')")
         self._check_element(rule)
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731  (frozen: fill defaults once)
+        grouped_only = rule.granularities == ("group",)  # MX blocks, dual-grained groups
         if self.granularity is None:
-            set_("granularity", "group" if rule.block else "channel")
+            set_("granularity", "group" if rule.block or grouped_only else "channel")
         if self.granularity not in GRANULARITIES:
             raise SpecError(
                 f"spec field 'granularity': {self.granularity!r} is not one of {', '.join(GRANULARITIES)}"
@@ -135,6 +143,9 @@ class QuantSpec:
                 raise SpecError(f"spec field 'granularity': {name} shares one scale per block of {rule.block} consecutive "
                                 f"elements along the last dimension (OCP MX) for weights, activations and KV alike; "
                                 f"drop {self.granularity!r}")
+            if grouped_only:
+                raise SpecError(f"spec field 'granularity': {name} quantizes in groups of input columns; "
+                                f"use g<N> instead of {self.granularity!r} (e.g. '{rule.example}')")
             raise SpecError(f"spec field 'granularity': {self.granularity!r} does not apply: {name} is a weight format; "
                             f"use one of {', '.join(rule.granularities)}")
         if self.group_size is not None and (not _is_int(self.group_size) or self.group_size < 1):
@@ -145,6 +156,9 @@ class QuantSpec:
             elif self.group_size != rule.block:
                 raise SpecError(f"spec field 'group_size': {name} blocks are {rule.block} elements by the OCP MX spec; "
                                 f"use g{rule.block} or drop g{self.group_size}")
+        if self.granularity == "group" and self.group_size is None and grouped_only:
+            raise SpecError(f"spec field 'group_size': {name} needs a group size (groups of input columns), "
+                            f"e.g. '{rule.example}'")
         if self.granularity == "group" and self.group_size is None:
             raise SpecError("spec field 'group_size': granularity 'group' needs a group size, e.g. g64")
         if self.granularity in ("tensor", "channel") and self.group_size is not None:
@@ -152,6 +166,8 @@ class QuantSpec:
         if name == "olive" and self.group_size is not None and self.group_size % 2:
             raise SpecError(f"spec field 'group_size': olive quantizes adjacent pairs, so g{self.group_size} "
                             f"must be even (e.g. g{self.group_size + 1})")
+        if self.symmetric is None:
+            set_("symmetric", rule.default_symmetric)
         if not isinstance(self.symmetric, bool):
             raise SpecError(f"spec field 'symmetric': {self.symmetric!r} is not true/false")
         if not self.symmetric and not rule.zero_point:

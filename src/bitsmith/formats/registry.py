@@ -110,7 +110,7 @@ def number_format(spec: QuantSpec | str) -> NumberFormat:
 
 def _load_builtin_formats() -> None:
     # Importing the adapter modules runs their @register_format decorators.
-    from bitsmith.formats import scaled, structured  # noqa: F401
+    from bitsmith.formats import dual_grained, scaled, structured  # noqa: F401
 
 
 # -- dispatch helpers used across the package ----------------------------------------------------

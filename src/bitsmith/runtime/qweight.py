@@ -18,7 +18,7 @@ from bitsmith.formats.registry import number_format, oriented
 from bitsmith.spec import QuantSpec
 
 # Every buffer name a format may store (quantized modules drop stale ones when the format changes).
-STORED_NAMES = ("qcodes", "qhigh", "qlow", "qscale", "qzero", "qexp", "qdtype")
+STORED_NAMES = ("qcodes", "qhigh", "qlow", "qscale", "qzero", "qexp", "qdtype", "qgscale")
 
 
 @dataclass

@@ -19,3 +19,21 @@ def lm_logits(lm, ids: torch.Tensor) -> torch.Tensor:
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     """Relative error of ``a`` against ``b`` (Frobenius norm)."""
     return ((a - b).norm() / b.norm()).item()
+
+
+def run_steps(lm, steps: list, calib: torch.Tensor):
+    """Run recipe ``steps`` through the calibration pipeline on the token windows ``calib`` (no tokenizer
+    needed); returns the loaded recipe, whose steps keep what they chose."""
+    from bitsmith.pipeline import Context, run_calibrated
+    from bitsmith.recipes import load_recipe
+
+    recipe = load_recipe({"name": "t", "steps": steps})
+    ctx = Context(lm, None, progress=False)
+    ctx._calib = calib
+    with torch.no_grad():
+        for step in recipe.steps:
+            step.prepare(ctx)
+        run_calibrated(ctx, recipe.steps)
+        for step in recipe.steps:
+            step.finish(ctx)
+    return recipe

@@ -14,11 +14,10 @@ from bitsmith.errors import BitsmithError, SpecError
 from bitsmith.formats import packing
 from bitsmith.formats.registry import stored_bits
 from bitsmith.models import load_model
-from bitsmith.pipeline import Context, run_calibrated
 from bitsmith.recipes import load_recipe
 from bitsmith.runtime.qweight import PackedWeight
 from bitsmith.spec import QuantSpec
-from helpers import lm_logits, tokens
+from helpers import lm_logits, run_steps, tokens
 
 
 def test_ic_spec_grammar():
@@ -124,16 +123,7 @@ def test_adadim_picks_per_ic_for_input_channel_outliers_and_per_oc_for_row_outli
 
 
 def _run(lm, steps):
-    recipe = load_recipe({"name": "t", "steps": steps})
-    ctx = Context(lm, None, progress=False)
-    ctx._calib = tokens(8, 32, seed=1)
-    with torch.no_grad():
-        for step in recipe.steps:
-            step.prepare(ctx)
-        run_calibrated(ctx, recipe.steps)
-        for step in recipe.steps:
-            step.finish(ctx)
-    return recipe
+    return run_steps(lm, steps, tokens(8, 32, seed=1))
 
 
 @pytest.mark.parametrize("solver", ["rtn", "gptq"])

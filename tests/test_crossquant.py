@@ -12,10 +12,9 @@ import bitsmith
 from bitsmith.errors import SpecError
 from bitsmith.formats import crossquant, integer
 from bitsmith.models import load_model
-from bitsmith.pipeline import Context, run_calibrated
 from bitsmith.recipes import load_recipe
 from bitsmith.spec import QuantSpec
-from helpers import lm_logits, tokens
+from helpers import lm_logits, run_steps, tokens
 
 INT8 = QuantSpec.parse("int8:token:sym")
 
@@ -75,16 +74,7 @@ def test_kernel_is_smaller_than_per_token_with_outlier_channels():
 
 
 def _run(lm, steps):
-    recipe = load_recipe({"name": "t", "steps": steps})
-    ctx = Context(lm, None, progress=False)
-    ctx._calib = tokens(4, 16, seed=1)
-    with torch.no_grad():
-        for step in recipe.steps:
-            step.prepare(ctx)
-        run_calibrated(ctx, recipe.steps)
-        for step in recipe.steps:
-            step.finish(ctx)
-    return recipe
+    return run_steps(lm, steps, tokens(4, 16, seed=1))
 
 
 @pytest.mark.parametrize("which", ["tiny_llama", "tiny_qwen2"])

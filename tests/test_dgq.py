@@ -16,13 +16,11 @@ from bitsmith.formats.dual_grained import COARSE_GRID, dual_grained_quantize, fi
 from bitsmith.formats.integer import group_view
 from bitsmith.formats.registry import fake_quantize, number_format, slice_rows, stored_bits
 from bitsmith.models import load_model
-from bitsmith.pipeline import Context, run_calibrated
 from bitsmith.recipes import load_recipe
 from bitsmith.runtime.int8_matmul import Int8Linear, int8_weight, quantize_tokens
-from bitsmith.runtime.modules import QuantLinear
 from bitsmith.runtime.qweight import PackedWeight
 from bitsmith.spec import QuantSpec
-from helpers import lm_logits, rel, tokens
+from helpers import lm_logits, rel, run_steps, tokens
 
 A8 = QuantSpec.parse("int8:token:sym")
 TINY_RECIPE = {"name": "dgq-tiny", "calibration": {"samples": 4, "seq": 32},
@@ -197,19 +195,6 @@ def test_int8_product_matches_fake_quant_on_random_inputs():
         int8_weight(PackedWeight.quantize(w, QuantSpec.parse("int4:g32")))
 
 
-def _run(lm, steps, calib):
-    """Run ``steps`` through the calibration pipeline on the token windows ``calib``."""
-    recipe = load_recipe({"name": "t", "steps": steps})
-    ctx = Context(lm, None, progress=False)
-    ctx._calib = calib
-    with torch.no_grad():
-        for step in recipe.steps:
-            step.prepare(ctx)
-        run_calibrated(ctx, recipe.steps)
-        for step in recipe.steps:
-            step.finish(ctx)
-    return recipe
-
 
 @pytest.mark.parametrize("which", ["tiny_llama", "tiny_qwen2"])
 def test_percentile_smoothing_keeps_the_float_function(which, request):
@@ -217,7 +202,7 @@ def test_percentile_smoothing_keeps_the_float_function(which, request):
     ids = tokens()
     ref = lm_logits(load_model(str(folder)), ids)
     lm = load_model(str(folder))
-    recipe = _run(lm, [{"dgq": {"weights": None, "percentile": 75}}], tokens(8, 32, seed=1))
+    recipe = run_steps(lm, [{"dgq": {"weights": None, "percentile": 75}}], tokens(8, 32, seed=1))
     assert rel(lm_logits(lm, ids), ref) < 1e-5
     fresh = load_model(str(folder)).adapter.blocks()[0]
     assert not torch.allclose(lm.adapter.blocks()[0].input_layernorm.weight, fresh.input_layernorm.weight, rtol=1e-3)

@@ -11,7 +11,6 @@ import torch
 
 import bitsmith
 from bitsmith.algorithms.duquant import (
-    DuQuant,
     choose_block_size,
     fit_duquant,
     greedy_rotation,

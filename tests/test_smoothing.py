@@ -10,27 +10,13 @@ import torch
 import bitsmith
 from bitsmith.errors import BitsmithError, SpecError
 from bitsmith.models import load_model
-from bitsmith.pipeline import Context, run_calibrated
 from bitsmith.recipes import load_recipe
 from bitsmith.runtime.modules import QuantLinear
 from bitsmith.runtime.online import OnlineShift
-from helpers import lm_logits as _logits, rel as _rel, tokens as _tokens
+from helpers import lm_logits as _logits, rel as _rel, run_steps, tokens as _tokens
 
 STATIC8 = {"act_quant": {"spec": "int8:tensor:sym", "static": True}}
 
-
-def _run(lm, steps, calib):
-    """Run ``steps`` through the calibration pipeline on the token windows ``calib`` (no tokenizer needed)."""
-    recipe = load_recipe({"name": "t", "steps": steps})
-    ctx = Context(lm, None, progress=False)
-    ctx._calib = calib
-    with torch.no_grad():
-        for step in recipe.steps:
-            step.prepare(ctx)
-        run_calibrated(ctx, recipe.steps)
-        for step in recipe.steps:
-            step.finish(ctx)
-    return recipe
 
 
 @pytest.mark.parametrize("which", ["tiny_llama", "tiny_qwen2"])
@@ -40,7 +26,7 @@ def test_smoothing_alone_keeps_the_float_function(which, step, request):
     tokens = _tokens()
     ref = _logits(load_model(str(folder)), tokens)
     lm = load_model(str(folder))
-    _run(lm, [step], _tokens(8, 32, seed=1))
+    run_steps(lm, [step], _tokens(8, 32, seed=1))
     assert _rel(_logits(lm, tokens), ref) < 1e-5
     block = lm.adapter.blocks()[0]
     fresh = load_model(str(folder)).adapter.blocks()[0]
@@ -60,7 +46,7 @@ def test_smoothing_keeps_the_default_model_function(default_lm):
     calib = default_lm.tokenizer(builtin_text("calib").text[:4000], return_tensors="pt").input_ids[:, :256].reshape(2, 128)
     ref = _logits(default_lm, ids)
     lm = copy.deepcopy(default_lm)
-    _run(lm, [{"smoothquant": {"alpha": 0.5}}, {"osplus": {"threshold": 0.1}}], calib)
+    run_steps(lm, [{"smoothquant": {"alpha": 0.5}}, {"osplus": {"threshold": 0.1}}], calib)
     assert _rel(_logits(lm, ids), ref) < 1e-5
 
 
@@ -93,7 +79,7 @@ def test_smoothing_scales_match_the_reference_formula(tiny_llama):
         h.remove()
     lm = load_model(str(folder))
     old = copy.deepcopy(lm.adapter.blocks()[0])
-    _run(lm, [{"smoothquant": {"alpha": 0.6}}], calib)
+    run_steps(lm, [{"smoothquant": {"alpha": 0.6}}], calib)
     new = lm.adapter.blocks()[0]
 
     ref = _plain_smoothing_scales(caught["qkv"], [old.self_attn.q_proj.weight, old.self_attn.k_proj.weight,
@@ -121,7 +107,7 @@ def test_static_scales_save_and_reload_bit_identical(tiny_llama, tmp_path):
     folder, _ = tiny_llama
     steps = [{"osplus": {}}, {"act_quant": {"spec": "int8:tensor:asym", "static": True}}, {"rtn": {"weights": "int8:channel"}}]
     lm = load_model(str(folder))
-    recipe = _run(lm, steps, _tokens(8, 32, seed=1))
+    recipe = run_steps(lm, steps, _tokens(8, 32, seed=1))
     lm.quant = {"recipe": "t", "source": str(folder)}
     from bitsmith.checkpoint import save_quantized
 
@@ -141,7 +127,7 @@ def test_static_scales_save_and_reload_bit_identical(tiny_llama, tmp_path):
 def test_static_scale_is_calibrated_from_the_smoothed_range(tiny_llama):
     folder, _ = tiny_llama
     lm = load_model(str(folder))
-    recipe = _run(lm, [{"smoothquant": {"alpha": 0.5}}, {"act_quant": {"spec": "int8:tensor:sym", "static": True,
+    recipe = run_steps(lm, [{"smoothquant": {"alpha": 0.5}}, {"act_quant": {"spec": "int8:tensor:sym", "static": True,
                                                                          "clip_search": False}}], _tokens(8, 32, seed=1))
     block = lm.adapter.blocks()[0]
     x = []
@@ -180,12 +166,12 @@ def test_bad_arguments_fail_in_one_line(steps, message):
 def test_wrong_step_order_is_explained(tiny_llama):
     folder, _ = tiny_llama
     with pytest.raises(BitsmithError, match="put smoothquant before the weight step"):
-        _run(load_model(str(folder)), [{"rtn": {"weights": "int8:channel"}}, {"smoothquant": {}}], _tokens(4, 16))
+        run_steps(load_model(str(folder)), [{"rtn": {"weights": "int8:channel"}}, {"smoothquant": {}}], _tokens(4, 16))
     with pytest.raises(BitsmithError, match="solved by a calibrated step"):
-        _run(load_model(str(folder)), [{"smoothquant": {}}, {"gptq": {"weights": "int4:channel"}}], _tokens(4, 16))
-    _run(load_model(str(folder)), [{"smoothquant": {"layers": "norms"}}, {"gptq": {"weights": "int4:channel"}}], _tokens(4, 16))
+        run_steps(load_model(str(folder)), [{"smoothquant": {}}, {"gptq": {"weights": "int4:channel"}}], _tokens(4, 16))
+    run_steps(load_model(str(folder)), [{"smoothquant": {"layers": "norms"}}, {"gptq": {"weights": "int4:channel"}}], _tokens(4, 16))
     with pytest.raises(BitsmithError, match="after smoothquant"):
-        _run(load_model(str(folder)), [STATIC8, {"smoothquant": {}}], _tokens(4, 16))
+        run_steps(load_model(str(folder)), [STATIC8, {"smoothquant": {}}], _tokens(4, 16))
 
 
 def test_builtin_recipes_load():
@@ -223,7 +209,7 @@ def _block_output_error(three_blocks, steps):
 
     ref = last_hidden(lm0)
     lm = copy.deepcopy(lm0)
-    _run(lm, steps, calib)
+    run_steps(lm, steps, calib)
     return _rel(last_hidden(lm), ref)
 
 

@@ -346,6 +346,8 @@ def main() -> None:
     ap.add_argument("--json", default=None, help="write rows here (after every row)")
     ap.add_argument("--png", default="formats_study.png", help="plot file ('' for none)")
     ap.add_argument("--load", default=None, help="print table and plot from an earlier --json file; run nothing")
+    ap.add_argument("--resume", action="store_true",
+                    help="keep the splits and every row already in --json, run only this plan's missing points")
     args = ap.parse_args()
 
     if args.load:
@@ -355,13 +357,18 @@ def main() -> None:
         raise SystemExit(report(rows, data.get("splits", {}), data.get("meta", {}), args))
 
     check_args(args)
+    done: dict = {}
+    if args.resume:
+        if not (args.json and Path(args.json).exists()):
+            raise SystemExit("error: --resume needs --json pointing at the results of an earlier run")
+        done = json.loads(Path(args.json).read_text())
     if args.png and not have_matplotlib():
         print(f"note: matplotlib is not installed, so no plot will be drawn ({MPL_HINT}); the table is printed anyway",
               file=sys.stderr)
     bits = [int(b) for b in args.bits.split(",") if b]
     sweeps = args.sweeps.split(",")
-    splits: dict = {}
-    if args.splits == "best":
+    splits: dict = done.get("splits", {})
+    if args.splits == "best" and not splits:
         wa_bits = [b for b in bits if b in WA_BITS] if "wa" in sweeps else []
         cfg = {"weights": {"w": {"bits": bits if "w" in sweeps else [], "group": args.group},
                            "wa": {"bits": wa_bits, "group": 0}},
@@ -383,13 +390,20 @@ def main() -> None:
         if args.json:  # partial results survive a failure later in the run
             Path(args.json).write_text(json.dumps({"meta": meta, "splits": splits, "rows": rows}, indent=1))
 
-    float_report = _run(ROW, json.dumps(None), str(args.windows), str(args.seq))
-    meta["protocol"] = (f"model=default  calibration={args.samples}x{args.calib_seq} tokens of boolq-calib  "
-                        f"text={float_report['protocol']['text']} seq={args.seq} windows={args.windows}  "
-                        f"MAC cost in full-adder cells (bitsmith.eval.hwcost; float row: fp16 x fp16)")
-    record({"sweep": "float", "method": "-", "format": "float", "bits": 16, "weights": None, "activations": None,
-            **{k: float_report.get(k) for k in ("ppl", "kl", "top1", "bpw")}})
+    kept = {r["recipe"] for r in done.get("rows", []) if r["sweep"] != "float"}
+    if done.get("rows"):  # every earlier row stays, this run's plan or not, so runs can split the grid
+        meta["protocol"] = done["meta"]["protocol"]
+        rows.extend(done["rows"])
+    else:
+        float_report = _run(ROW, json.dumps(None), str(args.windows), str(args.seq))
+        meta["protocol"] = (f"model=default  calibration={args.samples}x{args.calib_seq} tokens of boolq-calib  "
+                            f"text={float_report['protocol']['text']} seq={args.seq} windows={args.windows}  "
+                            f"MAC cost in full-adder cells (bitsmith.eval.hwcost; float row: fp16 x fp16)")
+        record({"sweep": "float", "method": "-", "format": "float", "bits": 16, "weights": None, "activations": None,
+                **{k: float_report.get(k) for k in ("ppl", "kl", "top1", "bpw")}})
     for i, p in enumerate(points, 1):
+        if p["recipe"]["name"] in kept:
+            continue
         rep = _run(ROW, json.dumps(p["recipe"]), str(args.windows), str(args.seq))
         record({k: v for k, v in p.items() if k != "recipe"} | {"recipe": p["recipe"]["name"]}
                | {k: rep.get(k) for k in ("ppl", "kl", "top1", "bpw", "size_mb", "quantize_seconds")})

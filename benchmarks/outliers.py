@@ -145,6 +145,8 @@ def main() -> None:
             elif base is not None:
                 row["ppl_vs_rtn"], row["kl_vs_rtn"] = row["ppl"] / base["ppl"], row["kl"] / base["kl"]
             rows.append(row)
+            if args.json:  # after every row, so partial results survive
+                Path(args.json).write_text(json.dumps(rows, indent=1))
             print(f"{row['recipe']}: ppl {row['ppl']:.2f} kl {row['kl']:.4f} top-1 {row['top1']:.3f} "
                   f"in {row['quantize_seconds']:.0f} s", file=sys.stderr, flush=True)
 

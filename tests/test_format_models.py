@@ -19,7 +19,7 @@ from bitsmith.runtime.modules import QuantLinear
 U8, F16 = "U8", "F16"
 RECIPES = {
     "fp8-w8a8": ("fp8:e4m3:channel", "fp8:e4m3:token", lambda r, c: r * c * 8 + r * 16, {"qcodes": U8, "qscale": F16}),
-    "fp6-w6a16": ("fp6:e3m2:channel", None, lambda r, c: r * c * 6 + r * 16, {"qhigh": U8, "qlow": U8, "qscale": F16}),
+    "fp6-w6a16": ("fp6:e2m3:channel", None, lambda r, c: r * c * 6 + r * 16, {"qhigh": U8, "qlow": U8, "qscale": F16}),
     "nf4-w4a16-g64": ("nf4:g64", None, lambda r, c: r * c * 4 + r * c // 64 * 16, {"qcodes": U8, "qscale": F16}),
     "mxfp4-w4a4": ("mxfp4:e2m1:g32", "mxfp4:e2m1:g32", lambda r, c: r * c * 4 + r * c // 32 * 8, {"qcodes": U8, "qexp": U8}),
     "bitmod-w3a16": ("bitmod3:g64", None, lambda r, c: r * c * 3 + r * c // 64 * 16 + math.ceil(r * c // 64 / 8) * 2 * 8,

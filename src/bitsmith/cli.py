@@ -172,6 +172,22 @@ def info(model) -> None:
 
 
 @main.command()
+@click.option("--model", default="default", show_default=True, help="folder written by 'bitsmith quantize', or a float model")
+@click.option("--format", "fmt", required=True, help="target: gguf (llama.cpp) or compressed-tensors (vLLM)")
+@click.option("--out", required=True, type=click.Path(), help="output file (gguf) or folder (compressed-tensors), written atomically")
+@click.option("--type", "qtype", help="gguf: type of the tensors bitsmith left in float, e.g. q8_0, q4_k_m (default: f16)")
+@click.option("--force", is_flag=True, help="replace --out if it exists")
+@_friendly
+def export(model, fmt, out, qtype, force) -> None:
+    """Write MODEL in a format another runtime loads; quantized weights are stored as chosen."""
+    from bitsmith.export import export as run_export
+
+    options = {} if qtype is None else {"qtype": qtype}
+    path = run_export(model, fmt, out, force=force, **options)
+    click.echo(f"wrote {path}")
+
+
+@main.command()
 @_friendly
 def recipes() -> None:
     """List the built-in recipes."""

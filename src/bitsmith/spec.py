@@ -41,6 +41,9 @@ name to them):
   special value) and stores its 2-bit id next to the scale. Weights only (tensor/channel/group).
 * ``olive``: OliVe outlier-victim pairs (4 bits: one byte per element pair). Its scale is searched
   by MSE by default, as the paper does (``minmax`` gives plain absmax, i.e. no outlier pairs).
+* ``q8_0``, ``q4_0``, ``q4_1``, ``q5_0``, ``q5_1``, ``q4_k``, ``q6_k``: GGUF (llama.cpp) block types, typed
+  by their name alone (width, block, offset and scale rule are the type's); blocks of 32 (K-quants: 256)
+  along the last dimension. Weights on these grids export to GGUF byte for byte (:mod:`bitsmith.export.gguf`).
 * ``dg``: dual-grained INT4 (DGQ, arXiv 2310.04836): 4-bit codes in groups (``g<N>`` required) whose
   scales are an INT8 integer per group times one fp16 scale per output channel, so the weight
   dequantizes to INT8 for one int8 x int8 product. Weights only; asymmetric (zero points) and MSE
@@ -82,6 +85,9 @@ class FormatRule:
     zero_point: bool = False  # whether 'asym' means anything
     default_symmetric: bool = True
     example: str = ""
+    named: bool = False  # the name carries the width and fixes everything else (GGUF types: q4_0)
+    block_source: str = "OCP MX"  # who fixes the block (error messages)
+    clip_note: str = "shared exponents follow the OCP rule (a power of two from the block absmax), so there is no scale to search"
 
 
 FORMAT_RULES: dict[str, FormatRule] = {
@@ -97,6 +103,19 @@ FORMAT_RULES: dict[str, FormatRule] = {
     "dg": FormatRule(bits=(4,), granularities=("group",), zero_point=True, default_symmetric=False, default_clip="mse",
                      example="dg4:g64"),
 }
+# GGUF (llama.cpp) block types, numerics in bitsmith.formats.gguf_blocks: fixed blocks along the last
+# dimension (32 elements; K-quants 256-element super-blocks), the name fixes width, offset and scale rule.
+_GGUF_LEGACY_CLIP = "scales follow llama.cpp's reference rule (block absmax or min-max), so there is nothing to choose"
+_GGUF_K_CLIP = "sub-block scales are always searched for least squared error"
+for _name, _bits, _block, _affine in (("q8_0", 8, 32, False), ("q4_0", 4, 32, False), ("q4_1", 4, 32, True),
+                                      ("q5_0", 5, 32, False), ("q5_1", 5, 32, True), ("q4_k", 4, 256, True),
+                                      ("q6_k", 6, 256, False)):
+    _k = _name.endswith("_k")
+    FORMAT_RULES[_name] = FormatRule(
+        bits=(_bits,), granularities=("group",), block=_block, clips=("mse",) if _k else ("minmax",),
+        default_clip="mse" if _k else "minmax", zero_point=_affine, default_symmetric=not _affine, example=_name,
+        named=True, block_source="GGUF", clip_note=_GGUF_K_CLIP if _k else _GGUF_LEGACY_CLIP)
+GGUF_TYPES = tuple(n for n, r in FORMAT_RULES.items() if r.named)
 FORMATS = tuple(FORMAT_RULES)
 
 
@@ -141,7 +160,7 @@ class QuantSpec:
         if self.granularity not in rule.granularities:
             if rule.block:
                 raise SpecError(f"spec field 'granularity': {name} shares one scale per block of {rule.block} consecutive "
-                                f"elements along the last dimension (OCP MX) for weights, activations and KV alike; "
+                                f"elements along the last dimension ({rule.block_source}) for weights, activations and KV alike; "
                                 f"drop {self.granularity!r}")
             if grouped_only:
                 raise SpecError(f"spec field 'granularity': {name} quantizes in groups of input columns; "
@@ -154,7 +173,7 @@ class QuantSpec:
             if self.group_size is None:
                 set_("group_size", rule.block)
             elif self.group_size != rule.block:
-                raise SpecError(f"spec field 'group_size': {name} blocks are {rule.block} elements by the OCP MX spec; "
+                raise SpecError(f"spec field 'group_size': {name} blocks are {rule.block} elements by the {rule.block_source} spec; "
                                 f"use g{rule.block} or drop g{self.group_size}")
         if self.granularity == "group" and self.group_size is None and grouped_only:
             raise SpecError(f"spec field 'group_size': {name} needs a group size (groups of input columns), "
@@ -170,6 +189,9 @@ class QuantSpec:
             set_("symmetric", rule.default_symmetric)
         if not isinstance(self.symmetric, bool):
             raise SpecError(f"spec field 'symmetric': {self.symmetric!r} is not true/false")
+        if rule.named and self.symmetric != rule.default_symmetric:
+            raise SpecError(f"spec field 'symmetric': {name} {'stores a minimum per block' if rule.zero_point else 'is symmetric'} "
+                            f"by definition; drop '{'sym' if self.symmetric else 'asym'}'")
         if not self.symmetric and not rule.zero_point:
             raise SpecError(f"spec field 'symmetric': {name} levels are symmetric around 0 and store no zero point; drop 'asym'")
         if self.clip is None:
@@ -177,13 +199,13 @@ class QuantSpec:
         if self.clip not in CLIPS:
             raise SpecError(f"spec field 'clip': {self.clip!r} is not one of {', '.join(CLIPS)}")
         if self.clip not in rule.clips:
-            raise SpecError(f"spec field 'clip': {name} shared exponents follow the OCP rule (a power of two from "
-                            f"the block absmax), so there is no scale to search; drop {self.clip!r}")
+            raise SpecError(f"spec field 'clip': {name} {rule.clip_note}; drop {self.clip!r}")
         if not isinstance(self.clip_ratio, (int, float)) or isinstance(self.clip_ratio, bool) \
                 or not 0.0 < float(self.clip_ratio) <= 1.0:
             raise SpecError(f"spec field 'clip_ratio': {self.clip_ratio!r} is not in (0, 1]")
         if rule.block is not None and self.clip_ratio != 1.0:
-            raise SpecError(f"spec field 'clip_ratio': {name} scales follow the OCP rule; drop r{self.clip_ratio:g}")
+            raise SpecError(f"spec field 'clip_ratio': {name} scales follow the {'GGUF type' if rule.named else 'OCP'} rule; "
+                            f"drop r{self.clip_ratio:g}")
 
     def _check_element(self, rule: FormatRule) -> None:
         name, bits = self.format, self.bits
@@ -212,9 +234,13 @@ class QuantSpec:
             raise SpecError(f"spec {text!r}: expected a string such as 'int4:g64:sym'")
         parts = [p.strip().lower() for p in text.split(":")]
         m = re.fullmatch(r"([a-z]+)(\d+)", parts[0])
-        if not m:
-            raise SpecError(f"spec {text!r}: first part {parts[0]!r} must be format and bits, e.g. 'int4' or 'fp8'")
-        kw: dict[str, Any] = {"format": m.group(1), "bits": int(m.group(2))}
+        if parts[0] in FORMAT_RULES and FORMAT_RULES[parts[0]].named:  # GGUF types: q4_0, q4_k, ...
+            kw: dict[str, Any] = {"format": parts[0], "bits": FORMAT_RULES[parts[0]].bits[0]}
+        elif not m:
+            raise SpecError(f"spec {text!r}: first part {parts[0]!r} must be format and bits, e.g. 'int4' or 'fp8' "
+                            f"(or a GGUF type: {', '.join(GGUF_TYPES)})")
+        else:
+            kw = {"format": m.group(1), "bits": int(m.group(2))}
         for part in parts[1:]:
             if part in GRANULARITIES:
                 kw["granularity"] = part
@@ -262,6 +288,8 @@ class QuantSpec:
 
     def __str__(self) -> str:
         rule = FORMAT_RULES[self.format]
+        if rule.named:
+            return self.format
         parts = [f"{self.format}{self.bits}"]
         if rule.elements is not None:
             parts.append(self.element)

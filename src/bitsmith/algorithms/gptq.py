@@ -19,7 +19,9 @@ Other number formats use the same loop: the format registry (:mod:`bitsmith.form
 each format's grid parameters and per-column rounding, so GPTQ runs on minifloat grids (fp, scale
 per channel or group), NF4, MX (the shared block exponent fixed from the weights before its columns
 are rounded: from the original weights under act-order or static groups, the default) and BitMoD
-(scale and datatype per group fixed the same way). OliVe is not supported (pairs, not columns).
+(scale and datatype per group fixed the same way) and the GGUF block types (the stored grid of each
+element, K-quant sub-block scales included, fixed the same way: :mod:`bitsmith.formats.gguf`).
+OliVe is not supported (pairs, not columns).
 
 Per-IC specs (``ic``, AdaDim, arXiv 2309.15531) suit the column order: each input column has its own
 grid (one per group of output rows), set from that column as updated by the columns before it, just
@@ -152,8 +154,8 @@ def gptq_quantize(
     elif group is None:
         col_params = _format_grid(w, spec, fmt).unsqueeze(0).expand(cols, rows, k)
     elif static:
-        gp = fmt.grid(w.view(rows, cols // group, group), spec)  # (rows, groups, k)
-        col_params = gp.unsqueeze(2).expand(rows, cols // group, group, k).reshape(rows, cols, k).transpose(0, 1)
+        gp = fmt.column_grid(w.view(rows, cols // group, group), spec)  # (rows, groups, group, k)
+        col_params = gp.reshape(rows, cols, k).transpose(0, 1)
     else:
         col_params = torch.empty(cols, rows, k)
     if fixed:
@@ -174,7 +176,7 @@ def gptq_quantize(
         for j in range(i2 - i1):
             c = i1 + j
             if group is not None and not static and c % group == 0:
-                col_params[c : c + group] = fmt.grid(w1[j : j + group].T, spec)
+                col_params[c : c + group] = fmt.column_grid(w1[j : j + group].T, spec).transpose(0, 1)
             elif per_ic and not fixed:
                 col_params[c] = _ic_grid(w1[j : j + 1], spec, fmt)[0]
             col = w1[j]
@@ -238,14 +240,19 @@ class GPTQ(Step):
     act_order: bool = True
     static_groups: bool = False
     lm_head: bool = False
+    fallback: str | dict | None = None  # spec for linears whose input width the weights' group does not divide
 
     calibrated: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         self.spec = QuantSpec.coerce(self.weights).require(WEIGHT_GRANULARITIES, "weights")
-        fmt = number_format(self.spec)
-        if not fmt.supports_gptq:
-            raise SpecError(f"gptq: spec '{self.spec}' is not supported: {fmt.gptq_note}")
+        self.fallback_spec = None
+        if self.fallback is not None:
+            self.fallback_spec = QuantSpec.coerce(self.fallback).require(WEIGHT_GRANULARITIES, "weights")
+        for spec in (self.spec, self.fallback_spec):
+            fmt = number_format(spec) if spec is not None else None
+            if fmt is not None and not fmt.supports_gptq:
+                raise SpecError(f"gptq: spec '{spec}' is not supported: {fmt.gptq_note}")
         if isinstance(self.block_size, bool) or not isinstance(self.block_size, int) or self.block_size < 1:
             raise BitsmithError(f"gptq: block_size {self.block_size!r} must be a positive integer")
         if isinstance(self.damp, bool) or not isinstance(self.damp, (int, float)) or not 0 <= self.damp < 1:
@@ -255,24 +262,33 @@ class GPTQ(Step):
         linears = {r: m for r, m in linears.items() if r != "lm_head" or self.lm_head}
         if not linears:
             return {}
+        spec = self.spec_for(next(iter(linears.values())).weight.shape[1])
         # Rows are solved independently under one Hessian, so linears sharing an input (q/k/v,
         # gate/up) go through one GPTQ pass; only a per-tensor grid couples rows.
         # A per-IC group of rows must not straddle two roles either.
-        batches = [[r] for r in linears] if self.spec.granularity in ("tensor", "ic") else [list(linears)]
+        batches = [[r] for r in linears] if spec.granularity in ("tensor", "ic") else [list(linears)]
         out = {}
         for roles in batches:
             weight = torch.cat([linears[r].weight for r in roles])
-            codes = gptq_quantize(weight, hessian, self.spec, self.block_size, self.damp,
+            codes = gptq_quantize(weight, hessian, spec, self.block_size, self.damp,
                                   self.act_order, self.static_groups)
             start = 0
             for r in roles:
                 rows = linears[r].weight.shape[0]
                 part = codes if len(roles) == 1 else slice_rows(codes, start, start + rows)
                 q = QuantLinear.from_linear(linears[r])
-                q.set_packed(PackedWeight.from_codes(part, self.spec, tuple(linears[r].weight.shape)))
+                q.set_packed(PackedWeight.from_codes(part, spec, tuple(linears[r].weight.shape)))
                 out[r] = q
                 start += rows
         return out
+
+    def spec_for(self, in_features: int) -> QuantSpec:
+        """The weights spec, or the fallback where its group does not divide the input width (as llama.cpp
+        stores a row of 576 in Q5_0 when Q4_K's 256-element super-blocks do not fit)."""
+        group = self.spec.group_size if self.spec.granularity == "group" else None
+        if group is None or in_features % group == 0 or self.fallback_spec is None:
+            return self.spec
+        return self.fallback_spec
 
     def wants_lm_head(self) -> bool:
         return self.lm_head

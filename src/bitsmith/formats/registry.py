@@ -87,6 +87,14 @@ class NumberFormat:
         """Codes object from per-column codes ``(rows, cols)`` and per-column parameters ``(rows, cols, k)``."""
         raise NotImplementedError
 
+    def column_grid(self, wg: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+        """``(..., n, grid_width)`` parameters for each element of the groups ``wg`` ``(..., n)``.
+
+        The same for every column of a group, except for formats whose grid varies inside a group
+        (GGUF K-quants: sub-block scales inside a super-block)."""
+        p = self.grid(wg, spec)
+        return p.unsqueeze(-2).expand(*wg.shape, p.shape[-1])
+
 
 def register_format(name: str):
     def deco(cls: type[NumberFormat]) -> type[NumberFormat]:
@@ -110,7 +118,7 @@ def number_format(spec: QuantSpec | str) -> NumberFormat:
 
 def _load_builtin_formats() -> None:
     # Importing the adapter modules runs their @register_format decorators.
-    from bitsmith.formats import dual_grained, scaled, structured  # noqa: F401
+    from bitsmith.formats import dual_grained, gguf, scaled, structured  # noqa: F401
 
 
 # -- dispatch helpers used across the package ----------------------------------------------------

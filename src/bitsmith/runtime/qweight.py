@@ -3,7 +3,7 @@
 Integers store packed codes, fp16 scales and packed zero points (``qcodes``, ``qscale``, ``qzero``);
 minifloats and NF4 packed codes and fp16 scales (FP6 as 4+2 bit planes ``qhigh``/``qlow``); MX
 element codes and E8M0 exponent bytes (``qexp``); BitMoD codes, scales and packed datatype ids
-(``qdtype``); OliVe one byte per pair and scales. The format objects of
+(``qdtype``); OliVe one byte per pair and scales; GGUF types their ggml block records (``qblocks``). The format objects of
 :mod:`bitsmith.formats.registry` decide; this class only holds the tensors and asks them.
 """
 
@@ -18,7 +18,7 @@ from bitsmith.formats.registry import number_format, oriented
 from bitsmith.spec import QuantSpec
 
 # Every buffer name a format may store (quantized modules drop stale ones when the format changes).
-STORED_NAMES = ("qcodes", "qhigh", "qlow", "qscale", "qzero", "qexp", "qdtype", "qgscale")
+STORED_NAMES = ("qcodes", "qhigh", "qlow", "qscale", "qzero", "qexp", "qdtype", "qgscale", "qblocks")
 
 
 @dataclass

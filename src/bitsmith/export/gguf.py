@@ -26,6 +26,7 @@ evaluated.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -156,17 +157,25 @@ def source_gguf(lm) -> Path:
                         f"quantize a model loaded from a .gguf file (e.g. 'default')")
 
 
-def _copy_tokenizer(writer, reader) -> None:
+@functools.lru_cache(maxsize=2)
+def _tokenizer_fields(path: str, stamp: tuple[int, int]) -> tuple[tuple, ...]:
+    """(key, value, type, element type) of every ``tokenizer.*`` field of a GGUF file (parsed once: a
+    50k-token vocabulary takes seconds to read); ``stamp`` (size, mtime) keys the cache."""
     import gguf
 
-    for key, field in reader.fields.items():
-        if not key.startswith("tokenizer."):
-            continue
-        vtype = field.types[0]
-        if vtype == gguf.GGUFValueType.ARRAY:
-            writer.add_key_value(key, field.contents(), vtype, sub_type=field.types[-1])
-        else:
-            writer.add_key_value(key, field.contents(), vtype)
+    out = []
+    for key, field in gguf.GGUFReader(path).fields.items():
+        if key.startswith("tokenizer."):
+            vtype = field.types[0]
+            sub = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
+            out.append((key, field.contents(), vtype, sub))
+    return tuple(out)
+
+
+def _copy_tokenizer(writer, src: Path) -> None:
+    st = src.stat()
+    for key, value, vtype, sub in _tokenizer_fields(str(src.resolve()), (st.st_size, st.st_mtime_ns)):
+        writer.add_key_value(key, value, vtype, sub_type=sub)
 
 
 def _rope(cfg) -> dict:
@@ -256,13 +265,18 @@ def export_gguf(lm, out: Path, qtype: str | None = None, **_ignored) -> Path:
     """Write ``lm`` to ``out`` as a GGUF file llama.cpp loads (see the module docstring)."""
     import gguf
 
-    tensors = plan(lm, qtype or "f16")
+    return write(lm, out, plan(lm, qtype or "f16"))
+
+
+def write(lm, out: Path, tensors: list[tuple[str, np.ndarray, str]]) -> Path:
+    """Write the tensors of :func:`plan` with ``lm``'s metadata and its source's tokenizer to ``out``, atomically."""
+    import gguf
+
     src = source_gguf(lm)
-    reader = gguf.GGUFReader(str(src))
     with atomic_path(Path(out)) as tmp:
         writer = gguf.GGUFWriter(str(tmp), "llama")
         _write_config(writer, lm.model.config, Path(str(lm.source)).stem if lm.source != "default" else "SmolLM2-135M-Instruct")
-        _copy_tokenizer(writer, reader)
+        _copy_tokenizer(writer, src)
         for name, arr, t in tensors:
             if t in ("f32", "f16"):
                 writer.add_tensor(name, arr)

@@ -262,3 +262,44 @@ def test_gptq_q4_k_recipe_exports_and_llama_cpp_agrees(default_lm, tmp_path):
         ref = copy.deepcopy(default_lm.model)(torch.tensor([ids])).logits[0]
     rel = lambda a, b: ((a - b).norm() / b.norm()).item()  # noqa: E731
     assert rel(got, ours) < 0.25 * rel(ours, ref)  # far closer to bitsmith's weights than bitsmith's are to float
+
+
+def _llama_quantize(src, dst, types: dict[str, str]) -> None:
+    """llama.cpp's own quantizer on ``src``, every tensor forced to the GGUF type it has in ``types``."""
+    import ctypes
+
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.nthread, params.ftype = 1, 15  # MOSTLY_Q4_K_M: only a default, every tensor is overridden below
+    over = [(f"^{n.replace('.', '[.]')}$".encode(), int(gguf.GGMLQuantizationType[t])) for n, t in types.items() if t != "F32"]
+    arr = (llama_cpp.llama_model_tensor_override * (len(over) + 1))()
+    for i, (pattern, t) in enumerate(over):
+        arr[i].pattern, arr[i].type = pattern, t
+    params.tt_overrides = ctypes.cast(arr, ctypes.POINTER(llama_cpp.llama_model_tensor_override))
+    assert llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params)) == 0
+
+
+@pytest.mark.slow
+def test_float_export_agrees_with_llama_cpp_quantizer(default_lm, tmp_path):
+    """A float model exported with --type: legacy types byte for byte what llama.cpp's quantizer writes;
+    K-quants (bitsmith's own search) at least as accurate as llama.cpp's, tensor by tensor in total."""
+    pytest.importorskip("llama_cpp")
+    f32 = export(default_lm, "gguf", tmp_path / "f32.gguf", qtype="f32")
+    float_w = {t.name: np.asarray(t.data) for t in gguf.GGUFReader(str(f32)).tensors}
+    for qtype in ("q4_0", "q4_k_m"):
+        ours = export(default_lm, "gguf", tmp_path / f"{qtype}.gguf", qtype=qtype)
+        mine = {t.name: t for t in gguf.GGUFReader(str(ours)).tensors}
+        _llama_quantize(f32, tmp_path / f"llama-{qtype}.gguf", {n: t.tensor_type.name for n, t in mine.items()})
+        theirs = {t.name: t for t in gguf.GGUFReader(str(tmp_path / f"llama-{qtype}.gguf")).tensors}
+        err = {"ours": 0.0, "llama.cpp": 0.0}
+        for name, t in mine.items():
+            assert theirs[name].tensor_type == t.tensor_type, name
+            if t.tensor_type.name in ("Q4_K", "Q6_K"):
+                w = float_w[name]
+                err["ours"] += float(((gguf.quants.dequantize(t.data, t.tensor_type) - w) ** 2).sum())
+                err["llama.cpp"] += float(((gguf.quants.dequantize(theirs[name].data, t.tensor_type) - w) ** 2).sum())
+            else:
+                assert np.array_equal(np.asarray(t.data), np.asarray(theirs[name].data)), name
+        if qtype == "q4_k_m":
+            assert 0 < err["ours"] <= err["llama.cpp"], err

@@ -142,6 +142,7 @@ def gptq_quantize(
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
 
+    hdiag = torch.diag(h).float()  # column importance: formats may weight their grid search by it (GGUF)
     perm = torch.argsort(torch.diag(h), descending=True, stable=True) if act_order else torch.arange(cols)
     static = group is not None and (static_groups or act_order)
     fixed = static_groups if per_ic else (group is None or static)
@@ -154,7 +155,7 @@ def gptq_quantize(
     elif group is None:
         col_params = _format_grid(w, spec, fmt).unsqueeze(0).expand(cols, rows, k)
     elif static:
-        gp = fmt.column_grid(w.view(rows, cols // group, group), spec)  # (rows, groups, group, k)
+        gp = fmt.column_grid(w.view(rows, cols // group, group), spec, hdiag.view(cols // group, group))  # (rows, groups, group, k)
         col_params = gp.reshape(rows, cols, k).transpose(0, 1)
     else:
         col_params = torch.empty(cols, rows, k)
@@ -176,7 +177,7 @@ def gptq_quantize(
         for j in range(i2 - i1):
             c = i1 + j
             if group is not None and not static and c % group == 0:
-                col_params[c : c + group] = fmt.column_grid(w1[j : j + group].T, spec).transpose(0, 1)
+                col_params[c : c + group] = fmt.column_grid(w1[j : j + group].T, spec, hdiag[perm[c : c + group]]).transpose(0, 1)
             elif per_ic and not fixed:
                 col_params[c] = _ic_grid(w1[j : j + 1], spec, fmt)[0]
             col = w1[j]

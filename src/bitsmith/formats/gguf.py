@@ -72,8 +72,9 @@ class GGUFFormat(NumberFormat):
             raise SpecError(f"spec '{spec}': K-quant grids vary per sub-block; use column_grid")
         return gb.grid_params(wg, t)[..., 0, :]
 
-    def column_grid(self, wg: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
-        return gb.grid_params(wg, block_type(spec))
+    def column_grid(self, wg: torch.Tensor, spec: QuantSpec, importance: torch.Tensor | None = None) -> torch.Tensor:
+        w = None if importance is None else (importance.float() + 1e-8 * importance.float().mean()).expand_as(wg)
+        return gb.grid_params(wg, block_type(spec), w, search=True)
 
     def round(self, col: torch.Tensor, params: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
         return gb.round_to_grid(col, params, block_type(spec))

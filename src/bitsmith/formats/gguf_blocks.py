@@ -35,7 +35,9 @@ scale (and min) of least squared error, found by rounding at a few candidate ste
 refitting scale and min by least squares to the codes; then the sub-block scales and mins are
 themselves quantized to 6 bits (Q4_K) or int8 (Q6_K) against fp16 super-block scales, and every
 element is rounded to nearest on that exact stored grid. :func:`grid_params` exposes those stored
-grids per element, so GPTQ rounds onto exactly the values the file will hold.
+grids per element, so GPTQ rounds onto exactly the values the file will hold; for GPTQ the legacy
+types' block scales (and mins) are searched too, for least squared error weighted by the Hessian
+diagonal (the same statistic as llama.cpp's importance matrix), instead of the reference absmax rule.
 """
 
 from __future__ import annotations
@@ -133,30 +135,35 @@ def _quantize_legacy(xb: torch.Tensor, t: BlockType) -> GGUFCodes:
     return GGUFCodes(q.to(torch.uint8), _fp16(d), _fp16(lo))
 
 
-def _fit_affine(x: torch.Tensor, nsteps: torch.Tensor, top: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per sub-block (last dim) scale ``s >= 0`` and offset ``o <= 0`` (value ``s*q + o``, ``q`` in
-    ``[0, top]``) of least squared error over a few candidate step counts, each refitted by least
-    squares to its codes."""
-    lo = x.amin(dim=-1, keepdim=True).clamp_max(0)
+def _fit_affine(x: torch.Tensor, nsteps: torch.Tensor, top: int, w: torch.Tensor | None = None,
+                min_le_zero: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per sub-block (last dim) scale ``s >= 0`` and offset ``o`` (value ``s*q + o``, ``q`` in ``[0, top]``;
+    ``o <= 0`` when ``min_le_zero``, as Q4_K stores a minimum to subtract) of least (``w``-weighted)
+    squared error over a few candidate step counts, each refitted by weighted least squares to its codes."""
+    w = torch.ones_like(x) if w is None else w
+    lo = x.amin(dim=-1, keepdim=True)
+    lo = lo.clamp_max(0) if min_le_zero else lo
     hi = x.amax(dim=-1, keepdim=True)
     span = (hi - lo).clamp_min(1e-30)
-    n = x.shape[-1]
+    sw = w.sum(-1, keepdim=True)
     best_err = best_s = best_o = None
     for k in nsteps.tolist():
         s0 = span / k
         q = torch.round((x - lo) / s0).clamp_(0, top)
-        sq, sqq, sx, sqx = q.sum(-1, keepdim=True), (q * q).sum(-1, keepdim=True), x.sum(-1, keepdim=True), (q * x).sum(-1, keepdim=True)
-        det = n * sqq - sq * sq
+        wq = w * q
+        swq, swqq, swx, swqx = wq.sum(-1, keepdim=True), (wq * q).sum(-1, keepdim=True), (w * x).sum(-1, keepdim=True), (wq * x).sum(-1, keepdim=True)
+        det = sw * swqq - swq * swq
         ok = det > 0
-        s = torch.where(ok, (n * sqx - sq * sx) / torch.where(ok, det, torch.ones_like(det)), s0)
-        o = torch.where(ok, (sx - s * sq) / n, lo)
-        clip = o > 0  # the stored min cannot be negative: refit the scale alone with o = 0
-        s = torch.where(clip, sqx / sqq.clamp_min(1e-30), s)
-        o = torch.where(clip, torch.zeros_like(o), o)
+        s = torch.where(ok, (sw * swqx - swq * swx) / torch.where(ok, det, torch.ones_like(det)), s0)
+        o = torch.where(ok, (swx - s * swq) / sw.clamp_min(1e-30), lo)
+        if min_le_zero:  # the stored min cannot be negative: refit the scale alone with o = 0
+            clip = o > 0
+            s = torch.where(clip, swqx / swqq.clamp_min(1e-30), s)
+            o = torch.where(clip, torch.zeros_like(o), o)
         bad = s <= 0
         s, o = torch.where(bad, s0, s), torch.where(bad, lo, o)
         q = torch.round((x - o) / s).clamp_(0, top)
-        err = (s * q + o - x).pow_(2).sum(-1, keepdim=True)
+        err = (w * (s * q + o - x).pow_(2)).sum(-1, keepdim=True)
         if best_err is None:
             best_err, best_s, best_o = err, s, o
         else:
@@ -166,19 +173,20 @@ def _fit_affine(x: torch.Tensor, nsteps: torch.Tensor, top: int) -> tuple[torch.
     return best_s, best_o
 
 
-def _fit_symmetric(x: torch.Tensor, targets: torch.Tensor, offset: int) -> torch.Tensor:
-    """Per sub-block signed scale ``s`` (value ``s*(q - offset)``, ``q`` in ``[0, 2*offset - 1]``)
-    of least squared error: the largest-magnitude element mapped near level ``-offset`` (one level
-    more than the positive side), at a few candidate levels, each refitted by least squares."""
+def _fit_symmetric(x: torch.Tensor, targets: torch.Tensor, offset: int, w: torch.Tensor | None = None) -> torch.Tensor:
+    """Per sub-block signed scale ``s`` (value ``s*(q - offset)``, ``q`` in ``[0, 2*offset - 1]``) of least
+    (``w``-weighted) squared error: the largest-magnitude element mapped near level ``-target`` for a few
+    targets (one level more on the negative side), each refitted by weighted least squares."""
+    w = torch.ones_like(x) if w is None else w
     xm = _signed_absmax(x)
     best_err = best_s = None
     for lv in targets.tolist():
         s0 = torch.where(xm == 0, torch.ones_like(xm), -xm / lv)
         l = (torch.round(x / s0) + offset).clamp_(0, 2 * offset - 1) - offset
-        ll = (l * l).sum(-1, keepdim=True)
-        s = torch.where(ll > 0, (l * x).sum(-1, keepdim=True) / ll.clamp_min(1e-30), s0)
+        wll = (w * l * l).sum(-1, keepdim=True)
+        s = torch.where(wll > 0, (w * l * x).sum(-1, keepdim=True) / wll.clamp_min(1e-30), s0)
         l = (torch.round(x / s) + offset).clamp_(0, 2 * offset - 1) - offset
-        err = (s * l - x).pow_(2).sum(-1, keepdim=True)
+        err = (w * (s * l - x).pow_(2)).sum(-1, keepdim=True)
         if best_err is None:
             best_err, best_s = err, s
         else:
@@ -191,36 +199,52 @@ _Q4K_STEPS = torch.tensor([15.0 + 0.25 * i for i in range(-4, 9)])  # 14 .. 17 s
 _Q6K_LEVELS = torch.tensor([32.0 - 0.5 * i for i in range(0, 9)])  # absmax element at level -32 .. -28
 
 
-def k_grid(xb: torch.Tensor, t: BlockType) -> GGUFCodes:
-    """The stored grid of K-quant super-blocks ``(..., nblocks, 256)`` (codes left empty)."""
+def k_grid(xb: torch.Tensor, t: BlockType, w: torch.Tensor | None = None) -> GGUFCodes:
+    """The stored grid of K-quant super-blocks ``(..., nblocks, 256)`` (codes left empty); ``w``: optional
+    per-element importance weights of the same shape."""
     nsub = t.block // t.sub
     xs = xb.reshape(*xb.shape[:-1], nsub, t.sub).float()
+    ws = None if w is None else w.expand_as(xb).reshape(xs.shape)
     if t.name == "q4_k":
-        s, o = _fit_affine(xs, _Q4K_STEPS, 15)
+        s, o = _fit_affine(xs, _Q4K_STEPS, 15, ws)
         s, m = s[..., 0], -o[..., 0]  # (..., nblocks, 8), both >= 0
         d = _fp16(s.amax(-1, keepdim=True) / 63)
         dmin = _fp16(m.amax(-1, keepdim=True) / 63)
         sc = torch.round(s * _inv(d)).clamp_(0, 63)
         mn = torch.round(m * _inv(dmin)).clamp_(0, 63)
         return GGUFCodes(torch.empty(0, dtype=torch.uint8), d, dmin, sc, mn)
-    s = _fit_symmetric(xs, _Q6K_LEVELS, 32)[..., 0]  # (..., nblocks, 16), signed
+    s = _fit_symmetric(xs, _Q6K_LEVELS, 32, ws)[..., 0]  # (..., nblocks, 16), signed
     d = _fp16(s.abs().amax(-1, keepdim=True) / 127)
     sc = torch.round(s * _inv(d)).clamp_(-128, 127)
     return GGUFCodes(torch.empty(0, dtype=torch.uint8), d, None, sc)
 
 
-def grid_params(xb: torch.Tensor, t: BlockType) -> torch.Tensor:
+def _searched_legacy(xb: torch.Tensor, t: BlockType, w: torch.Tensor | None) -> GGUFCodes:
+    """A legacy block grid chosen for least (weighted) squared error instead of llama.cpp's reference
+    rule: still one fp16 scale (and min) per block, so any such grid is a valid record of the type."""
+    top = t.levels - 1
+    w = None if w is None else w.expand_as(xb)
+    if t.offset is not None:
+        targets = torch.tensor([t.offset - 0.25 * i * t.offset / 8 for i in range(17)] + [-(t.offset - 1.0)])
+        return GGUFCodes(torch.empty(0, dtype=torch.uint8), _fp16(_fit_symmetric(xb, targets, t.offset, w)))
+    s, o = _fit_affine(xb, torch.tensor([top + 0.25 * i for i in range(-4, 9)]), top, w, min_le_zero=False)
+    return GGUFCodes(torch.empty(0, dtype=torch.uint8), _fp16(s), _fp16(o))
+
+
+def grid_params(xb: torch.Tensor, t: BlockType, w: torch.Tensor | None = None, search: bool = False) -> torch.Tensor:
     """Per-element stored grid ``(..., nblocks, block, k)`` for GPTQ (see :func:`round_to_grid`):
 
     symmetric legacy ``[d]``, affine legacy ``[d, m]``, Q4_K ``[d*sc, dmin*mn, d, dmin, sc, mn]``,
-    Q6_K ``[d*sc, d, sc]`` (the first one or two are the element's effective scale and min).
+    Q6_K ``[d*sc, d, sc]`` (the first one or two are the element's effective scale and min). Legacy
+    grids follow llama.cpp's reference rule, or with ``search`` the least-squared-error scale (and min);
+    ``w`` (importance per element, e.g. the Hessian diagonal) weights the searches.
     """
     xb = xb.float()
     if t.sub is None:
-        c = _quantize_legacy(xb, t)
+        c = _searched_legacy(xb, t, w) if search else _quantize_legacy(xb, t)
         p = c.d if c.m is None else torch.cat([c.d, c.m], dim=-1)
         return p.unsqueeze(-2).expand(*xb.shape, p.shape[-1])
-    g = k_grid(xb, t)
+    g = k_grid(xb, t, w)
     rep = lambda v: v.repeat_interleave(t.sub, dim=-1)  # noqa: E731  (per sub-block -> per element)
     full = lambda v: v.expand(*xb.shape)  # noqa: E731
     if t.name == "q4_k":

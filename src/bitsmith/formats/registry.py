@@ -87,11 +87,12 @@ class NumberFormat:
         """Codes object from per-column codes ``(rows, cols)`` and per-column parameters ``(rows, cols, k)``."""
         raise NotImplementedError
 
-    def column_grid(self, wg: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    def column_grid(self, wg: torch.Tensor, spec: QuantSpec, importance: torch.Tensor | None = None) -> torch.Tensor:
         """``(..., n, grid_width)`` parameters for each element of the groups ``wg`` ``(..., n)``.
 
         The same for every column of a group, except for formats whose grid varies inside a group
-        (GGUF K-quants: sub-block scales inside a super-block)."""
+        (GGUF K-quants: sub-block scales inside a super-block). ``importance`` (GPTQ's Hessian diagonal,
+        broadcastable to ``wg``) may weight a format's own grid search; most formats ignore it."""
         p = self.grid(wg, spec)
         return p.unsqueeze(-2).expand(*wg.shape, p.shape[-1])
 

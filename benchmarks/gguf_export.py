@@ -182,6 +182,13 @@ def main() -> None:
     out = {"protocol": {"model": "default (SmolLM2-135M-Instruct)", "text": "boolq-eval", "seq": 512, "windows": args.windows,
                         "calibration": f"{args.samples}x512 boolq-calib", "threads": 1, "llama_cpp_python": _version()},
            "rows": rows}
+    if RESULTS.exists():  # a run of some --types keeps the other types' rows of the last run
+        old = json.loads(RESULTS.read_text())
+        if old.get("protocol", {}).get("windows") == args.windows:
+            done = set(args.types.split(","))
+            keep = [r for r in old["rows"] if r["type"] not in done and r["type"] != "float"]
+            out["rows"] = rows[:1] + sorted(keep + rows[1:], key=lambda r: ["q4_0", "q4_k", "q8_0"].index(r["type"])
+                                            if r["type"] in ("q4_0", "q4_k", "q8_0") else 9)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(out, indent=1))
     print_table(out)

@@ -259,9 +259,9 @@ def test_gptq_q4_k_recipe_exports_and_llama_cpp_agrees(default_lm, tmp_path):
     got = torch.tensor(np.array(llm.scores[: len(ids)]))
     with torch.no_grad():
         ours = lm.model(torch.tensor([ids])).logits[0]
-        ref = copy.deepcopy(default_lm.model)(torch.tensor([ids])).logits[0]
+        emulated = _ggml_activation_rounding(lm.model)(torch.tensor([ids])).logits[0]
     rel = lambda a, b: ((a - b).norm() / b.norm()).item()  # noqa: E731
-    assert rel(got, ours) < 0.25 * rel(ours, ref)  # far closer to bitsmith's weights than bitsmith's are to float
+    assert rel(got, ours) < 2 * rel(emulated, ours)  # the tolerance of test_llama_cpp_runs_the_file_and_matches_bitsmith
 
 
 def _llama_quantize(src, dst, types: dict[str, str]) -> None:

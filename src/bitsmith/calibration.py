@@ -43,16 +43,18 @@ class InputStats:
 
     On the default model the ``X^T X`` products cost as much as the calibration forward pass
     itself, so only the upper triangle is formed, in four row strips (about 3/8 less work than the
-    full product); ``value`` mirrors it.
+    full product); ``value`` mirrors it. Per-channel ranges cost a pass each over the inputs; only
+    input transforms read them, so ``ranges=False`` (weight solvers alone) skips them.
     """
 
     STRIPS = 4
 
-    def __init__(self, dim: int) -> None:
+    def __init__(self, dim: int, ranges: bool = True) -> None:
         self.sum = torch.zeros(dim, dim, dtype=torch.float32)  # upper triangle of X^T X
         self.total = torch.zeros(dim, dtype=torch.float64)
         self.max = torch.full((dim,), -float("inf"))
         self.min = torch.full((dim,), float("inf"))
+        self.ranges = ranges
         self.rows = 0
 
     def add(self, x: torch.Tensor) -> None:
@@ -61,14 +63,17 @@ class InputStats:
         step = -(-dim // self.STRIPS)
         for i in range(0, dim, step):
             self.sum[i : i + step, i:].addmm_(x[:, i : i + step].T, x[:, i:])
-        self.total += x.sum(0, dtype=torch.float64)
-        torch.maximum(self.max, x.amax(0), out=self.max)
-        torch.minimum(self.min, x.amin(0), out=self.min)
+        self.total += x.sum(0).double()  # float32 within a chunk (cascade sum; float64 reductions are 14x slower here)
+        if self.ranges:
+            torch.maximum(self.max, x.amax(0), out=self.max)
+            torch.minimum(self.min, x.amin(0), out=self.min)
         self.rows += x.shape[0]
 
-    def _check(self) -> None:
+    def _check(self, ranges: bool = False) -> None:
         if self.rows == 0:
             raise BitsmithError("calibrated step got no calibration inputs; give the recipe a calibration set with samples >= 1")
+        if ranges and not self.ranges:
+            raise BitsmithError("internal error: per-channel ranges were not gathered for this input (InputStats(ranges=False))")
 
     def gram(self) -> torch.Tensor:
         """``X^T X`` (full, float64)."""
@@ -82,7 +87,7 @@ class InputStats:
 
     def absmax(self) -> torch.Tensor:
         """Per-channel largest magnitude (SmoothQuant's activation statistic)."""
-        self._check()
+        self._check(ranges=True)
         return torch.maximum(self.max.abs(), self.min.abs())
 
     def mean(self) -> torch.Tensor:
@@ -91,7 +96,7 @@ class InputStats:
 
     def changed(self, change: InputChange) -> "InputStats":
         """The statistics of ``change.apply(x)``, exactly (ranges only while no matrix mixes channels)."""
-        self._check()
+        self._check(ranges=True)
         g, s, n = self.gram(), self.total.clone(), self.rows
         lo, hi = self.min.double(), self.max.double()
         if change.shift is not None:

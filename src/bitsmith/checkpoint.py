@@ -27,6 +27,7 @@ from bitsmith.models import LoadedModel, adapter_for
 from bitsmith.models.lazy import module_prefix
 from bitsmith.models.load import build_model
 from bitsmith.runtime import kvcache
+from bitsmith.runtime.kernels import accelerate
 from bitsmith.runtime.modules import QuantEmbedding, QuantLinear
 from bitsmith.runtime.online import build_transform
 from bitsmith.runtime.qweight import PackedWeight
@@ -148,8 +149,13 @@ def _read_meta(path: Path) -> dict:
     return meta
 
 
-def load_quantized(path: str | Path) -> LoadedModel:
-    """Load a folder written by :func:`save_quantized`; logits are bit-identical to the saved model's."""
+def load_quantized(path: str | Path, kernels: str = "auto") -> LoadedModel:
+    """Load a folder written by :func:`save_quantized`.
+
+    With ``kernels="off"`` the logits are bit-identical to the saved model's; the default ``"auto"``
+    runs layers on integer CPU kernels where they are faster (:mod:`bitsmith.runtime.kernels`), which
+    compute the same function up to float rounding.
+    """
     from safetensors import SafetensorError
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoTokenizer
@@ -201,6 +207,7 @@ def load_quantized(path: str | Path) -> LoadedModel:
     for name, info in meta.get("kv", {}).items():
         kvcache.install(model, [model.get_submodule(name)], kvcache.KVQuantizer.from_description(info))
     model.eval()
+    accelerate(model, kernels)
     tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     return LoadedModel(model, tokenizer, meta.get("source", "?"), adapter, quant=meta)
 

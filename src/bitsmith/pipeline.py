@@ -196,7 +196,7 @@ def run_block(adapter: Adapter, block: nn.Module, hidden: list[torch.Tensor], kw
     for sub in adapter.sublayers(block):
         if gather:
             first = adapter.block_linears(block)[sub.inputs[0]]
-            stats = InputStats(hidden[0].shape[-1])
+            stats = InputStats(hidden[0].shape[-1], ranges=bool(transformers))
             for h in hidden:
                 stats.add(_weight_input(first, sub.norm(h)))
             stats = _transform(ctx, transformers, block, sub.inputs, stats)
@@ -215,7 +215,7 @@ def run_block(adapter: Adapter, block: nn.Module, hidden: list[torch.Tensor], kw
                 if gather:
                     a_in = _weight_input(closing, a)
                     if stats is None:
-                        stats = InputStats(a_in.shape[-1])
+                        stats = InputStats(a_in.shape[-1], ranges=bool(transformers))
                     stats.add(a_in)
                 inner.append(a)
         finally:
@@ -244,7 +244,7 @@ def run_calibrated(ctx: Context, steps: list[Step], blocks: Iterable[nn.Module] 
         run_block(ad, block, hidden, kwargs, solvers, transformers, ctx)
     head_solvers = [s for s in solvers if s.wants_lm_head()]
     if head_solvers:
-        hess = InputStats(hidden[0].shape[-1])
+        hess = InputStats(hidden[0].shape[-1], ranges=False)
         for h in hidden:
             hess.add(ad.final_norm()(h))
         ad.set_lm_head(_solve(head_solvers, {"lm_head": ad.lm_head()}, hess)["lm_head"])

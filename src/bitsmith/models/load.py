@@ -178,13 +178,14 @@ def load_hf_folder(path: Path):
     return model, _hf_tokenizer(path)
 
 
-def load_model(name: str) -> LoadedModel:
-    """Load any supported model by name (see :func:`resolve`)."""
+def load_model(name: str, kernels: str = "auto") -> LoadedModel:
+    """Load any supported model by name (see :func:`resolve`); a quantized folder runs on CPU kernels where
+    they are faster unless ``kernels="off"`` (:mod:`bitsmith.runtime.kernels`)."""
     kind, path = resolve(name)
     if kind == "bitsmith":
         from bitsmith.checkpoint import load_quantized
 
-        return load_quantized(path)
+        return load_quantized(path, kernels)
     model, tok = load_gguf(path) if kind == "gguf" else load_hf_folder(path)
     source = name if name == DEFAULT_MODEL else str(path.resolve())
     return LoadedModel(model, tok, source, adapter_for(model))

@@ -107,6 +107,7 @@ class QuantLinear(nn.Module):
         self.act_cross = act_cross  # CrossQuant alpha (dynamic row x column steps), or None
         self.register_buffer("act_scale", None)
         self.register_buffer("act_zero", None)
+        self.kernel = None  # a CPU kernel computing the same function (bitsmith.runtime.kernels), or None
         if isinstance(weight, PackedWeight):
             self.set_packed(weight)
         else:
@@ -116,6 +117,20 @@ class QuantLinear(nn.Module):
     def set_packed(self, packed: PackedWeight) -> None:
         """Install a quantized weight, replacing whatever weight was there."""
         _install_packed(self, packed)
+        self.kernel = None
+
+    def set_kernel(self, kernel) -> None:
+        """Run ``kernel(transformed input)`` instead of the fake-quant product (None: back to fake quant)."""
+        self.kernel = kernel
+        if kernel is None and self.packed is not None and self.weight.is_meta:
+            self.register_buffer("weight", self.packed.dequantize(), persistent=False)
+
+    def drop_float_weight(self) -> None:
+        """Free the dequantized fp32 copy (a kernel reads the packed weight); ``weight`` keeps its shape on
+        the meta device, so code that would compute with it fails loudly instead of silently."""
+        if self.kernel is None or self.packed is None:
+            raise BitsmithError("only a layer running a kernel on its packed weight can drop the float copy")
+        self.register_buffer("weight", torch.empty(self.packed.shape, device="meta"), persistent=False)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, act_spec: QuantSpec | None = None) -> "QuantLinear":
@@ -151,6 +166,8 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.transform_input(x)
+        if self.kernel is not None:
+            return self.kernel(x)
         if self.act_spec is not None:
             x = self.quantize_input(x)
         return F.linear(x, self.weight, self.bias)
@@ -163,7 +180,8 @@ class QuantLinear(nn.Module):
         if self.act_cross is not None:
             a += f" crossquant(alpha={self.act_cross:g})"
         t = "" if self.input_transform is None else f", online={self.input_transform.kind}"
-        return f"in={self.in_features}, out={self.out_features}, weight={w}, input={a}{t}"
+        k = "" if self.kernel is None else f", kernel={self.kernel.name}"
+        return f"in={self.in_features}, out={self.out_features}, weight={w}, input={a}{t}{k}"
 
 
 class QuantEmbedding(nn.Module):

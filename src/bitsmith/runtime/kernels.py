@@ -1,0 +1,183 @@
+"""CPU kernels for saved quantized models: integer products where they beat the fp32 one.
+
+A :class:`~bitsmith.runtime.modules.QuantLinear` computes ``fake_quant(x) @ dequant(W)^T`` in fp32: exact
+reference semantics, fp32 speed. :func:`accelerate` attaches a kernel to the layers whose specs a kernel
+serves; the layer then calls it instead. Each kernel computes the same function up to float rounding of
+the rescale (the integer accumulation is exact), which the tests check against the fake-quant path.
+
+**W8A8** (weights ``int8:channel:sym``; inputs ``int8:token``, symmetric or asymmetric, min-max, dynamic):
+fbgemm's u8 x s8 GEMM with int32 accumulation, the engine behind PyTorch's dynamic quantized linear.
+That operator quantizes its float input per *tensor* itself; we hand it our per-token codes shifted into
+``[0, 255]`` with one extra row holding 0 and 255, so its own choice is scale 1, zero point 0, and its
+quantization is the identity on our codes. Then ``y = s_t * (acc - z_t * rowsum(W_q)) * s_w``, with the
+``z_t`` term removing the shift (or the asymmetric zero point). Measured on this machine's CPU
+(``benchmarks/kernels.py``): about 3x the fp32 product at 512-token prefill and at decode.
+CPUs without VNNI multiply u8 x s8 pairs into saturating int16 sums (``vpmaddubsw``); the kernel is
+only installed after a worst-case self-check (all codes 255 against weights of 127) comes out exact.
+
+**int4 weight-only** (``int4:g{32,64,128,256}``, symmetric or asymmetric): ATen's packed int4 product
+(``_weight_int4pack_mm_for_cpu``), which keeps a quarter of the fp32 weight memory. On this CPU it is
+far *slower* than fp32 (decode about 0.07x), so ``"auto"`` never picks it; ``"int4"`` asks for it when
+memory matters more than speed. A layer on a kernel drops its dequantized fp32 weight copy. llama.cpp's Q4 kernels
+are the fast 4-bit path on CPU: export to GGUF (README, "Export").
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bitsmith.errors import BitsmithError
+from bitsmith.formats import integer
+from bitsmith.formats.registry import number_format
+from bitsmith.runtime.modules import QuantLinear
+
+MODES = ("auto", "int4", "off")
+
+
+def _quantized_tensor(make: Callable[[], torch.Tensor]) -> torch.Tensor:
+    with warnings.catch_warnings():  # torch warns that quantized tensor factories are deprecated
+        warnings.simplefilter("ignore")
+        return make()
+
+
+def _prepack(w_s8: torch.Tensor, scale: torch.Tensor):
+    """fbgemm's packed form of int8 ``(out, in)`` codes with per-row float scales."""
+    zeros = torch.zeros(w_s8.shape[0], dtype=torch.long)
+    qw = _quantized_tensor(lambda: torch._make_per_channel_quantized_tensor(w_s8, scale.double(), zeros, 0))
+    return torch.ops.quantized.linear_prepack(qw, None)
+
+
+def _u8_gemm(codes: torch.Tensor, packed) -> torch.Tensor:
+    """``s_w * (codes @ W_q^T)`` for float ``codes`` in [0, 255] ``(m, k)``: the pinning row makes fbgemm's
+    per-tensor input quantization the identity (scale 1, zero point 0)."""
+    buf = torch.empty(codes.shape[0] + 1, codes.shape[1])
+    buf[:-1] = codes
+    return _pinned_gemm(buf, packed)
+
+
+def _pinned_gemm(buf: torch.Tensor, packed) -> torch.Tensor:
+    """The product of the first ``m`` rows of ``buf`` ``(m + 1, k)``; its last row is overwritten with the pin."""
+    buf[-1].zero_()
+    buf[-1, 0] = 255.0
+    return torch.ops.quantized.linear_dynamic(buf, packed, False)[:-1]
+
+
+@functools.lru_cache(maxsize=1)
+def int8_gemm_exact() -> bool:
+    """Whether fbgemm's u8 x s8 product accumulates without saturation on this CPU (worst case)."""
+    if "fbgemm" not in torch.backends.quantized.supported_engines and "x86" not in torch.backends.quantized.supported_engines:
+        return False
+    k = 256
+    try:
+        packed = _prepack(torch.full((8, k), 127, dtype=torch.int8), torch.ones(8))
+        got = _u8_gemm(torch.full((4, k), 255.0), packed)
+    except RuntimeError:
+        return False
+    return bool((got == 255.0 * 127 * k).all())
+
+
+class Int8Kernel:
+    """W8A8 through fbgemm (see the module docstring); built once per layer from its packed weight."""
+
+    name = "int8-fbgemm"
+
+    def __init__(self, layer: QuantLinear) -> None:
+        spec = layer.packed.spec
+        codes = number_format(spec).unpack(layer.packed.data, spec, layer.packed.shape)
+        w_s8 = (codes.codes.reshape(layer.packed.shape).to(torch.int16) - 128).to(torch.int8)
+        self.w_scale = codes.scale.reshape(-1).float()
+        self.packed = _prepack(w_s8, self.w_scale)
+        self.rowsum = w_s8.sum(dim=1, dtype=torch.int32).float() * self.w_scale  # s_w * sum_k W_q
+        self.act = layer.act_spec
+        self.bias = layer.bias
+
+    @staticmethod
+    def serves(layer: QuantLinear) -> bool:
+        w, a = layer.packed.spec if layer.packed is not None else None, layer.act_spec
+        return (w is not None and a is not None and w.format == "int" and w.bits == 8 and w.granularity == "channel"
+                and w.symmetric and a.format == "int" and a.bits == 8 and a.granularity == "token"
+                and a.group_size is None and a.clip == "minmax" and not layer.act_static and layer.act_cross is None)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, x.shape[-1]).float()
+        scale, zero = integer.choose_params(x2, self.act, torch.float32)  # the fake-quant grid, per token
+        buf = torch.empty(x2.shape[0] + 1, x2.shape[1])
+        codes = torch.div(x2, scale, out=buf[:-1])  # the same float ops as fake quant, in place
+        codes.round_().add_(zero).clamp_(0, 255)  # symmetric: zero is 128, codes in [1, 255]
+        y = _pinned_gemm(buf, self.packed)
+        y.addr_(zero.view(-1), self.rowsum, alpha=-1).mul_(scale)  # remove the zero point, per-token scale
+        if self.bias is not None:
+            y.add_(self.bias)
+        return y.reshape(*x.shape[:-1], -1).to(x.dtype)
+
+
+class Int4Kernel:
+    """Packed int4 weight-only product (ATen ``_weight_int4pack_mm_for_cpu``): float inputs, a quarter of
+    the fp32 weight memory. Its dequantization is ``(q - 8) * scale + offset`` per group, so our
+    ``(q - z) * scale`` maps to ``offset = (8 - z) * scale`` (0 when symmetric)."""
+
+    name = "int4-weight"
+
+    def __init__(self, layer: QuantLinear) -> None:
+        spec = layer.packed.spec
+        out, k = layer.packed.shape
+        codes = number_format(spec).unpack(layer.packed.data, spec, layer.packed.shape)
+        q = codes.codes.reshape(out, k).to(torch.int32)
+        scale = codes.scale.reshape(out, -1).float()
+        zero = torch.full_like(scale, 8.0) if codes.zero is None else codes.zero.reshape(out, -1).float()
+        self.group = spec.group_size
+        self.weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+        self.scales_zeros = torch.stack([scale, (8.0 - zero) * scale], dim=-1).transpose(0, 1).contiguous()
+        self.bias = layer.bias
+
+    @staticmethod
+    def serves(layer: QuantLinear) -> bool:
+        w = layer.packed.spec if layer.packed is not None else None
+        return (w is not None and layer.act_spec is None and w.format == "int" and w.bits == 4
+                and w.granularity == "group" and w.group_size in (32, 64, 128, 256)
+                and layer.packed.shape[1] % w.group_size == 0)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, x.shape[-1]).float().contiguous()
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.weight, self.group, self.scales_zeros)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*x.shape[:-1], -1).to(x.dtype)
+
+
+def accelerate(model: nn.Module, mode: str = "auto") -> dict[str, int]:
+    """Attach kernels to the quantized linears of ``model`` that one serves; returns a count per kernel.
+
+    ``auto``: only kernels measured faster than fp32 here (W8A8, when :func:`int8_gemm_exact`);
+    ``int4``: also the packed int4 weight-only product (less memory, slower); ``off``: remove all kernels.
+    """
+    if mode not in MODES:
+        raise BitsmithError(f"unknown kernel mode {mode!r}; use one of {', '.join(MODES)}")
+    kinds = [] if mode == "off" else [Int8Kernel] if mode == "auto" else [Int8Kernel, Int4Kernel]
+    if Int8Kernel in kinds and not int8_gemm_exact():
+        kinds.remove(Int8Kernel)
+    counts: dict[str, int] = {}
+    for module in model.modules():
+        if not isinstance(module, QuantLinear):
+            continue
+        kernel = next((k(module) for k in kinds if k.serves(module)), None)
+        module.set_kernel(kernel)
+        if kernel is not None:
+            counts[kernel.name] = counts.get(kernel.name, 0) + 1
+            module.drop_float_weight()  # a kernel reads its own copy of the weight
+    return counts
+
+
+def reference_output(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
+    """The fake-quant result of ``layer`` on ``x`` (what every kernel must match)."""
+    w = layer.packed.dequantize()
+    xi = layer.transform_input(x)
+    if layer.act_spec is not None:
+        xi = layer.quantize_input(xi)
+    return F.linear(xi, w, layer.bias)

@@ -303,3 +303,25 @@ def test_float_export_agrees_with_llama_cpp_quantizer(default_lm, tmp_path):
                 assert np.array_equal(np.asarray(t.data), np.asarray(theirs[name].data)), name
         if qtype == "q4_k_m":
             assert 0 < err["ours"] <= err["llama.cpp"], err
+
+
+@pytest.mark.slow
+def test_saved_folder_exports_from_the_command_line(default_lm, tmp_path):
+    """quantize -> save -> `bitsmith export`: the records survive the bitsmith folder and reach the file unchanged."""
+    from click.testing import CliRunner
+
+    from bitsmith.checkpoint import save_quantized
+    from bitsmith.cli import main
+
+    lm = _quantize(copy.deepcopy(default_lm), [{"rtn": {"weights": "q5_1"}}])
+    save_quantized(lm, tmp_path / "q", "name: t\nsteps:\n  - rtn: {weights: q5_1}\n")
+    res = CliRunner().invoke(main, ["export", "--model", str(tmp_path / "q"), "--format", "gguf", "--out",
+                                    str(tmp_path / "q.gguf"), "--type", "q8_0"])
+    assert res.exit_code == 0, res.output
+    tensors = {t.name: t for t in gguf.GGUFReader(str(tmp_path / "q.gguf")).tensors}
+    down = lm.adapter.block_linears(lm.adapter.blocks()[7])["down"]
+    assert np.array_equal(np.asarray(tensors["blk.7.ffn_down.weight"].data), down.packed.data["qblocks"].numpy())
+    assert tensors["token_embd.weight"].tensor_type.name == "Q8_0"
+    bad = CliRunner().invoke(main, ["export", "--model", str(tmp_path / "q"), "--format", "gguf", "--out",
+                                    str(tmp_path / "r.gguf"), "--type", "q3_x"])
+    assert bad.exit_code == 2 and "unknown GGUF --type 'q3_x'" in (bad.stderr if hasattr(bad, "stderr") else bad.output)

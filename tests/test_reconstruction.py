@@ -282,3 +282,15 @@ def test_block_output_error_below_rtn_on_real_calibration_data(real_block0, kind
         err = (run_blocks([block], x[8:], kw4) - y[8:]).pow(2).mean()
         err_rtn = (run_blocks([rtn], x[8:], kw4) - y[8:]).pow(2).mean()
     assert err < 0.9 * err_rtn, (kind, float(err), float(err_rtn))
+
+
+def test_after_a_rotation_iteration_zero_still_equals_rtn(tiny_llama):
+    """QuaRot (folded rotations and online Hadamards) first: the learned steps see the rotated block."""
+    folder, _ = tiny_llama
+    ids = tokens(2, 16, 9)
+    rtn = load_model(str(folder))
+    run_steps(rtn, [{"quarot": {}}, {"rtn": {"weights": "int4:channel:asym"}}], tokens(4, 16))
+    lm = load_model(str(folder))
+    run_steps(lm, [{"quarot": {}}, {"lrq": {"weights": "int4:channel:asym", "iters": 0, "rank": 4}}], tokens(4, 16))
+    assert torch.equal(_logits(lm, ids), _logits(rtn, ids))
+    assert lm.adapter.blocks()[0].mlp.down_proj.input_transform is not None

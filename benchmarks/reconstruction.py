@@ -76,7 +76,7 @@ print("ROW " + json.dumps(report))
 
 def run_row(rec: dict, args, tasks: list[str]) -> dict:
     proc = subprocess.run([sys.executable, "-c", ROW, json.dumps(rec), str(args.windows), str(args.seq), ",".join(tasks),
-                           str(args.limit) if tasks else "", str(args.threads)], capture_output=True, text=True)
+                           str(args.limit) if tasks else "", str(args.threads)], capture_output=True, text=True, check=False)
     for line in proc.stdout.splitlines():
         if line.startswith("ROW "):
             return json.loads(line[4:])

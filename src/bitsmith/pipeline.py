@@ -30,7 +30,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from bitsmith.algorithms.reconstruction import FloatActivations, run_blocks, slice_kwargs
+from bitsmith.algorithms.reconstruction import (
+    FloatActivations,
+    run_blocks,
+    slice_kwargs,
+)
 from bitsmith.calibration import InputStats
 from bitsmith.checkpoint import CheckpointWriter
 from bitsmith.data.text import Text, calibration_batch

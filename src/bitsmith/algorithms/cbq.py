@@ -33,7 +33,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from bitsmith.algorithms.reconstruction import LearnedQuantizer, Reconstruction, run_blocks, slice_kwargs
+from bitsmith.algorithms.reconstruction import (
+    LearnedQuantizer,
+    Reconstruction,
+    run_blocks,
+    slice_kwargs,
+)
 from bitsmith.errors import BitsmithError
 from bitsmith.registry import register_step
 from bitsmith.runtime.modules import QuantLinear

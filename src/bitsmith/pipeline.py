@@ -12,6 +12,9 @@ calibrated step (GPTQ and later solvers) runs the calibration pipeline:
    inner activation feeds that linear's Hessian; it is solved and the branch output added to ``h``;
 3. the outputs of block ``i`` (computed by the quantized block) are the inputs of block ``i + 1``.
 
+A reconstructing step (FlexRound, LRQ, CBQ) runs :func:`run_reconstruction` instead: whole blocks
+(or windows of blocks) are trained against the float block's outputs on their calibration inputs.
+
 Every matrix product of the block runs once ("true sequential" GPTQ without a second propagation
 pass), and the activations held are one block's: the hidden states plus one branch's inner
 activation, for all calibration tokens.
@@ -27,6 +30,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from bitsmith.algorithms.reconstruction import (
+    FloatActivations,
+    run_blocks,
+    slice_kwargs,
+)
 from bitsmith.calibration import InputStats
 from bitsmith.checkpoint import CheckpointWriter
 from bitsmith.data.text import Text, calibration_batch
@@ -235,8 +243,16 @@ def run_block(adapter: Adapter, block: nn.Module, hidden: list[torch.Tensor], kw
 def run_calibrated(ctx: Context, steps: list[Step], blocks: Iterable[nn.Module] | None = None) -> None:
     """The calibration pipeline (see the module docstring); ``finish`` of the steps is left to the caller."""
     ad = ctx.lm.adapter
-    solvers = [s for s in steps if s.calibrated and not s.transforms_inputs]
+    recon = [s for s in steps if s.reconstructs]
+    solvers = [s for s in steps if s.calibrated and not s.transforms_inputs and s not in recon]
     transformers = [s for s in steps if s.transforms_inputs]
+    if recon:
+        if len(recon) > 1 or solvers:
+            others = [s.name for s in recon[1:] + solvers]
+            raise BitsmithError(f"step {recon[0].name!r} learns the weights of whole blocks; it cannot share a recipe "
+                                f"with the weight solver(s) {', '.join(others)}")
+        run_reconstruction(ctx, steps, recon[0], transformers, blocks)
+        return
     hidden, kwargs = capture_block_inputs(ctx.lm.model, ad, ctx.calibration())
     for block in ad.blocks() if blocks is None else blocks:
         for step in steps:
@@ -249,3 +265,71 @@ def run_calibrated(ctx: Context, steps: list[Step], blocks: Iterable[nn.Module] 
             hess.add(ad.final_norm()(h))
         ad.set_lm_head(_solve(head_solvers, {"lm_head": ad.lm_head()}, hess)["lm_head"])
     del hidden
+
+
+def _forward(blocks: list[nn.Module], hidden: torch.Tensor, kwargs: dict, batch: int) -> torch.Tensor:
+    """``blocks`` applied in order to ``hidden`` (sequences, seq, dim), ``batch`` sequences at a time."""
+    out = torch.empty_like(hidden)
+    for i in range(0, hidden.shape[0], batch):
+        x = hidden[i : i + batch]
+        out[i : i + batch] = run_blocks(blocks, x, slice_kwargs(kwargs, batch, x.shape[0]))
+    return out
+
+
+def run_reconstruction(ctx: Context, steps: list[Step], step: Step, transformers: list[Step],
+                       blocks: Iterable[nn.Module] | None = None) -> None:
+    """Block reconstruction (FlexRound, LRQ, CBQ): ``step.reconstruct`` trains a window of
+    ``step.window`` blocks at a time to reproduce the float window's outputs.
+
+    For the window starting at block ``i``: each block entering the window gets the data-free steps
+    and the input-transforming steps (smoothing), on the inputs it will see; the float window (its
+    activations unquantized) maps the window's inputs to the targets; the step learns and freezes
+    block ``i`` (the whole window when it reaches the last block); the inputs of block ``i + 1`` are block ``i``'s
+    outputs, quantized (default) or float (``step.float_inputs``). Activations held: the window's
+    inputs, its targets and one intermediate, for all calibration sequences.
+    """
+    ad = ctx.lm.adapter
+    window = max(1, int(getattr(step, "window", 1)))
+    if window > 1 and ctx.lm.weights is not None:
+        raise BitsmithError(f"step {step.name!r} trains {window} blocks together, which a streamed model cannot hold "
+                            "one block at a time; quantize without --stream or use window: 1")
+    chunks, kwargs_list = capture_block_inputs(ctx.lm.model, ad, ctx.calibration())
+    kw, batch = kwargs_list[0], chunks[0].shape[0]
+    hidden = torch.cat(chunks)
+    del chunks
+    source = iter(ad.blocks() if blocks is None else blocks)
+    pending: list[nn.Module] = []
+    ready: set[int] = set()
+    total = len(ad.blocks())
+    for first in range(max(1, total - window + 1)):  # the last window freezes all its blocks
+        while len(pending) < min(window, total - first):
+            pending.append(next(source))
+        win = pending[:window]
+        x, float_next = hidden, None
+        for j, b in enumerate(win):
+            if id(b) not in ready:
+                _prepare_block(ctx, steps, transformers, b, x, kw, batch)
+                ready.add(id(b))
+            with FloatActivations([b]):
+                x = _forward([b], x, kw, batch)
+            if j == 0 and step.float_inputs:
+                float_next = x
+        step.reconstruct(ctx, win, first, hidden, kw, batch, x, last=first + len(win) >= total)
+        del x
+        hidden = float_next if float_next is not None else _forward(win[:1], hidden, kw, batch)
+        pending.pop(0)
+    for _ in source:  # a streamed model writes its last block when the generator is resumed
+        pass
+    del hidden
+
+
+def _prepare_block(ctx: Context, steps: list[Step], transformers: list[Step], block: nn.Module,
+                   hidden: torch.Tensor, kwargs: dict, batch: int) -> None:
+    """A block as it will run before its weights are learned: data-free steps, then the
+    input-transforming ones on its calibration inputs (the block's outputs are not kept)."""
+    for s in steps:
+        s.apply_block(ctx, block)
+    if transformers:
+        chunks = [hidden[i : i + batch].clone() for i in range(0, hidden.shape[0], batch)]
+        kws = [slice_kwargs(kwargs, batch, c.shape[0]) for c in chunks]
+        run_block(ctx.lm.adapter, block, chunks, kws, [], transformers, ctx)

@@ -20,12 +20,17 @@ class Step:
     from the pipeline with a group of linears that share an input and that input's Hessian. A step
     with ``transforms_inputs = True`` (smoothing, data-fitted rotations) gets ``transform_inputs``
     calls first, with the input's statistics, and reports how it changed that input so the
-    solvers after it see the transformed statistics. ``ctx`` is a :class:`bitsmith.pipeline.Context`.
+    solvers after it see the transformed statistics. A *reconstructing* step (``reconstructs = True``:
+    FlexRound, LRQ, CBQ) learns the weights of whole blocks instead: the pipeline calls
+    ``reconstruct`` with a window of ``window`` blocks, their calibration inputs and the float
+    window's outputs as targets (:func:`bitsmith.pipeline.run_reconstruction`).
+    ``ctx`` is a :class:`bitsmith.pipeline.Context`.
     """
 
     name: ClassVar[str] = ""
     calibrated: ClassVar[bool] = False
     transforms_inputs: ClassVar[bool] = False
+    reconstructs: ClassVar[bool] = False
 
     def prepare(self, ctx) -> None:
         """Model-level work before the blocks (rotations fold into the embeddings here)."""
@@ -87,3 +92,4 @@ def make_step(name: str, args: dict[str, Any] | None) -> Step:
 def _load_builtin_steps() -> None:
     # Importing the modules runs their @register_step decorators.
     from bitsmith.algorithms import activations, adadim, dgq, duquant, gptq, kv_cache, osplus, quarot, rtn, smoothquant, spinquant  # noqa: F401
+    from bitsmith.algorithms import cbq, flexround, lrq  # noqa: F401

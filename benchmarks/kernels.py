@@ -137,6 +137,13 @@ def whole_model(decode: int, n_windows: int) -> list[dict]:
     return rows
 
 
+def _write(path: Path | None, data: dict) -> None:
+    if path is not None:
+        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(data, indent=1))
+        os.replace(tmp, path)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
@@ -149,13 +156,15 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     torch.set_grad_enabled(False)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, int8 GEMM exact here: {kernels.int8_gemm_exact()}")
+    mrows = whole_model(args.decode, args.windows)  # first: the int4 layer runs below can leave the thread pool slow
+    _write(args.json, {"threads": torch.get_num_threads(), "model": mrows})
     lrows = layers(args.seconds)
+    _write(args.json, {"threads": torch.get_num_threads(), "layers": lrows, "model": mrows})
     print("\n| case | layer | tokens | fp32 ms | fake quant ms | x fp32 | kernel ms | x fp32 | kernel |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in lrows:
         print(f"| {r['case']} | {r['layer']} | {r['phase']} | {r['fp32_ms']:.3f} | {r['fake_quant_ms']:.3f} | "
               f"{r['fp32_ms'] / r['fake_quant_ms']:.2f} | {r['kernel_ms']:.3f} | {r['fp32_ms'] / r['kernel_ms']:.2f} | {r['kernel']} |")
-    mrows = whole_model(args.decode, args.windows)
     base = mrows[0]
     print(f"\nDefault model, one 512-token window of the built-in eval text; decode {args.decode} greedy steps")
     print("| model | kernel | prefill tok/s | x fp32 | decode tok/s | x fp32 | block linears MB | ppl | top-1 = fake quant |")
@@ -164,10 +173,6 @@ def main() -> None:
         top = f"{r['top1_agreement']:.4f}" if "top1_agreement" in r else ""
         print(f"| {r['model']} | {r['kernel']} | {r['prefill_tok_s']:.0f} | {r['prefill_tok_s'] / base['prefill_tok_s']:.2f} | "
               f"{r['decode_tok_s']:.1f} | {r['decode_tok_s'] / base['decode_tok_s']:.2f} | {r['linear_mb']:.1f} | {r['ppl']:.2f} | {top} |")
-    if args.json:
-        tmp = args.json.with_name(args.json.name + f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps({"threads": torch.get_num_threads(), "layers": lrows, "model": mrows}, indent=1))
-        os.replace(tmp, args.json)
 
 
 if __name__ == "__main__":

@@ -31,11 +31,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
 from bitsmith.algorithms.reconstruction import (
     LearnedQuantizer,
     Reconstruction,
+    low_rank_pair,
     run_blocks,
     slice_kwargs,
 )
@@ -83,11 +83,7 @@ class CBQQuantizer(LearnedQuantizer):
 
     def __init__(self, weight: torch.Tensor, spec: QuantSpec, rank: int, gen: torch.Generator) -> None:
         super().__init__(weight, spec)
-        rows, cols = self.shape
-        if rank > min(rows, cols):
-            raise BitsmithError(f"cbq: rank {rank} is larger than the {rows}x{cols} weight allows (at most {min(rows, cols)})")
-        self.A = nn.Parameter(torch.zeros(rows, rank))
-        self.B = nn.Parameter(torch.randn(rank, cols, generator=gen) / rank**0.5)
+        self.A, self.B = low_rank_pair(self.shape, rank, gen, "cbq")
 
     def offset(self) -> torch.Tensor:
         return 0.5 * torch.tanh(self.A @ self.B)

@@ -16,7 +16,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from bitsmith.algorithms.reconstruction import LearnedQuantizer, Reconstruction
+from bitsmith.algorithms.reconstruction import (
+    LearnedQuantizer,
+    Reconstruction,
+    low_rank_pair,
+)
 from bitsmith.errors import BitsmithError
 from bitsmith.registry import register_step
 from bitsmith.spec import QuantSpec
@@ -28,10 +32,7 @@ class LRQQuantizer(LearnedQuantizer):
     def __init__(self, weight: torch.Tensor, spec: QuantSpec, rank: int, gen: torch.Generator) -> None:
         super().__init__(weight, spec)
         rows, cols = self.shape
-        if rank > min(rows, cols):
-            raise BitsmithError(f"lrq: rank {rank} is larger than the {rows}x{cols} weight allows (at most {min(rows, cols)})")
-        self.L = nn.Parameter(torch.zeros(rows, rank))
-        self.U = nn.Parameter(torch.randn(rank, cols, generator=gen) / rank**0.5)
+        self.L, self.U = low_rank_pair(self.shape, rank, gen, "lrq")
         self.r = nn.Parameter(torch.zeros(rows, 1))
         self.c = nn.Parameter(torch.zeros(1, cols))
 

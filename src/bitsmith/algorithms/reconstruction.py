@@ -56,6 +56,15 @@ def check_spec(spec: QuantSpec, method: str) -> QuantSpec:
     return spec
 
 
+def low_rank_pair(shape: tuple[int, int], rank: int, gen: torch.Generator, method: str) -> tuple[nn.Parameter, nn.Parameter]:
+    """Factors ``(left, right)`` of a rank-``rank`` learned ``(rows, cols)`` matrix that starts at zero:
+    ``left`` is zero and ``right`` random (scaled by ``1/sqrt(rank)``), so gradients reach both from step one."""
+    rows, cols = shape
+    if rank > min(rows, cols):
+        raise BitsmithError(f"{method}: rank {rank} is larger than the {rows}x{cols} weight allows (at most {min(rows, cols)})")
+    return nn.Parameter(torch.zeros(rows, rank)), nn.Parameter(torch.randn(rank, cols, generator=gen) / rank**0.5)
+
+
 class LearnedQuantizer(nn.Module):
     """One linear's weight on a learnable integer grid; subclasses say how rounding is learned.
 

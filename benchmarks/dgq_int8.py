@@ -16,11 +16,10 @@ Columns (median milliseconds per call; ratio = time / fp32 time in the same run,
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
+from common import median_ms
 
 from bitsmith.formats.registry import fake_quantize
 from bitsmith.runtime.int8_matmul import TOKEN_INT8, Int8Linear, int8_mm, quantize_tokens
@@ -29,18 +28,6 @@ from bitsmith.spec import QuantSpec
 
 SHAPES = [("q/o", 576, 576), ("gate/up", 1536, 576), ("down", 576, 1536)]
 TOKENS = [("prefill", 512), ("decode", 1)]
-
-
-def median_ms(fn, seconds: float) -> float:
-    """Median wall time of ``fn`` in ms over about ``seconds`` of calls (after a warm-up)."""
-    for _ in range(3):
-        fn()
-    times, end = [], time.perf_counter() + seconds
-    while time.perf_counter() < end or len(times) < 5:
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
 
 
 def main() -> None:

@@ -22,12 +22,12 @@ import argparse
 import copy
 import json
 import os
-import statistics
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from common import median_ms
 
 from bitsmith.runtime import kernels
 from bitsmith.runtime.modules import QuantLinear
@@ -38,17 +38,6 @@ SHAPES = [("q/o", 576, 576), ("gate/up", 1536, 576), ("down", 576, 1536)]
 TOKENS = [("prefill", 512), ("decode", 1)]
 LAYER_CASES = [("W8A8", "int8:channel:sym", "int8:token:asym", "auto"), ("int4 g64", "int4:g64:sym", None, "int4")]
 MODEL_CASES = [("W8A8", "w8a8", "auto"), ("int4 g64", "w4a16-g64", "int4")]
-
-
-def median_ms(fn, seconds: float) -> float:
-    for _ in range(2):
-        fn()
-    times, end = [], time.perf_counter() + seconds
-    while time.perf_counter() < end or len(times) < 3:
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
 
 
 def layers(seconds: float) -> list[dict]:

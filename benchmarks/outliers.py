@@ -30,9 +30,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 from pathlib import Path
+
+from common import run_row
 
 SETTINGS = {
     "w8a8": ("int8:channel:sym", {"spec": "int8:tensor:sym", "static": True}),
@@ -84,33 +85,10 @@ def recipe(setting: str, method: str, samples: int, seq: int) -> dict:
     return rec
 
 
-ROW = r"""
-import json, sys
-import torch
-import bitsmith
-from bitsmith.recipes import load_recipe
-torch.set_grad_enabled(False)
-rec, ewin, eseq, tasks, limit = json.loads(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]
-if int(sys.argv[6]) > 0:
-    torch.set_num_threads(int(sys.argv[6]))
-recipe = load_recipe(rec)
-lm = bitsmith.quantize("default", recipe, progress=False)
-report = bitsmith.evaluate(lm, seq=eseq, windows=ewin, progress=False,
-                           tasks=[t for t in tasks.split(",") if t], limit=int(limit) if limit else None)
-report["recipe"] = rec["name"]
+EXTRAS = """
 report["choices"] = [c for s in recipe.steps for c in getattr(s, "choices", [])]
 report["clips"] = [c for s in recipe.steps for c in getattr(s, "ratios", [])]
-print("ROW " + json.dumps(report))
 """
-
-
-def run_row(rec: dict, args, tasks: list[str]) -> dict:
-    proc = subprocess.run([sys.executable, "-c", ROW, json.dumps(rec), str(args.windows), str(args.seq), ",".join(tasks),
-                           str(args.limit) if tasks else "", str(args.threads)], capture_output=True, text=True)
-    for line in proc.stdout.splitlines():
-        if line.startswith("ROW "):
-            return json.loads(line[4:])
-    raise SystemExit(f"{rec['name']} failed:\n{proc.stderr[-3000:]}")
 
 
 def main() -> None:
@@ -139,7 +117,7 @@ def main() -> None:
     for setting in [s.strip() for s in args.settings.split(",") if s.strip()]:
         base = None
         for method in [m for m in methods if applies(setting, m)]:
-            row = run_row(recipe(setting, method, args.samples, args.calib_seq), args, tasks)
+            row = run_row(recipe(setting, method, args.samples, args.calib_seq), args, tasks, EXTRAS)
             if method == "rtn":
                 base = row
             elif base is not None:

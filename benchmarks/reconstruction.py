@@ -21,9 +21,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 from pathlib import Path
+
+from common import run_row
 
 SETTINGS = {
     "w4a16": ("int4:channel:asym", None),
@@ -49,20 +50,7 @@ def recipe(setting: str, method: str) -> dict | None:
     return rec
 
 
-ROW = r"""
-import json, sys
-import torch
-import bitsmith
-from bitsmith.recipes import load_recipe
-torch.set_grad_enabled(False)
-rec, ewin, eseq, tasks, limit = json.loads(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]
-if int(sys.argv[6]) > 0:
-    torch.set_num_threads(int(sys.argv[6]))
-recipe = load_recipe(rec)
-lm = bitsmith.quantize("default", recipe, progress=False)
-report = bitsmith.evaluate(lm, seq=eseq, windows=ewin, progress=False,
-                           tasks=[t for t in tasks.split(",") if t], limit=int(limit) if limit else None)
-report["recipe"] = rec["name"]
+EXTRAS = """
 blocks = [b for s in recipe.steps for b in getattr(s, "report", [])]
 if blocks:
     report["params_per_block"] = blocks[0]["params"]
@@ -70,17 +58,7 @@ if blocks:
     report["recon_loss"] = sum(b["loss"] for b in blocks)
     report["blocks_kept"] = sum(b["kept"] for b in blocks)
     report["blocks"] = blocks
-print("ROW " + json.dumps(report))
 """
-
-
-def run_row(rec: dict, args, tasks: list[str]) -> dict:
-    proc = subprocess.run([sys.executable, "-c", ROW, json.dumps(rec), str(args.windows), str(args.seq), ",".join(tasks),
-                           str(args.limit) if tasks else "", str(args.threads)], capture_output=True, text=True, check=False)
-    for line in proc.stdout.splitlines():
-        if line.startswith("ROW "):
-            return json.loads(line[4:])
-    raise SystemExit(f"{rec['name']} failed:\n{proc.stderr[-3000:]}")
 
 
 def main() -> None:
@@ -113,7 +91,7 @@ def main() -> None:
             rec = recipe(setting, method)
             if rec is None:
                 continue
-            row = done.get(rec["name"]) or run_row(rec, args, tasks)
+            row = done.get(rec["name"]) or run_row(rec, args, tasks, EXTRAS)
             if method == "rtn":
                 base = row
             elif base is not None:

@@ -27,12 +27,12 @@ Codes are unpacked uint8 (one per element, same shape as the input); pack them w
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
 
 import torch
 
 from bitsmith.errors import SpecError
 from bitsmith.formats import minifloat as mf
+from bitsmith.tensor_cache import tensor_cache
 
 MX_BLOCK = 32
 NF4_BLOCK = 64
@@ -98,7 +98,7 @@ def _blocked(x: torch.Tensor, block: int, what: str) -> torch.Tensor:
     return x.reshape(*x.shape[:-1], n // block, block)
 
 
-@lru_cache(maxsize=None)
+@tensor_cache()
 def _e8m0_tables() -> tuple[torch.Tensor, torch.Tensor]:
     """2**(k - 127) and its inverse for every E8M0 byte (NaN at 0xFF); exact in float32."""
     scale = [2.0 ** (k - E8M0_BIAS) for k in range(255)] + [float("nan")]
@@ -168,7 +168,7 @@ def nf4_levels() -> torch.Tensor:
     return _nf4_levels().clone()
 
 
-@lru_cache(maxsize=None)
+@tensor_cache()
 def _nf4_levels() -> torch.Tensor:
     # QLoRA: k-bit NormalFloat takes 2**(k-1) quantiles of N(0, 1) for the negative half and
     # 2**(k-1) + 1 for the positive half, both ending in an exact zero that is kept once, so the

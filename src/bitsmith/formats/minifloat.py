@@ -26,11 +26,11 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass
-from functools import lru_cache
 
 import torch
 
 from bitsmith.errors import SpecError
+from bitsmith.tensor_cache import tensor_cache
 
 SPECIALS = ("ieee", "fn", "none")
 
@@ -222,12 +222,12 @@ def _pow2_floor(a: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tenso
     return out
 
 
-@lru_cache(maxsize=None)
+@tensor_cache()
 def _magnitudes(fmt: Minifloat) -> torch.Tensor:
     return torch.tensor([fmt._value(c) for c in range(fmt.num_finite)], dtype=torch.float64)
 
 
-@lru_cache(maxsize=None)
+@tensor_cache()
 def _code_table(fmt: Minifloat) -> torch.Tensor:
     """float32 value of every ``bits``-wide code."""
     half = 1 << (fmt.bits - 1)

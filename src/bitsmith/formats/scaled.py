@@ -12,7 +12,6 @@ search (1.0 down to 0.3), coarse to fine as it does.
 
 from __future__ import annotations
 
-from functools import lru_cache
 from typing import Callable
 
 import torch
@@ -22,6 +21,7 @@ from bitsmith.formats.registry import (
     NumberFormat, ScaledCodes, first_of_group, group_count, grouped_shape, register_format, store_scale,
 )
 from bitsmith.spec import QuantSpec
+from bitsmith.tensor_cache import tensor_cache
 
 _SCALE_BITS = 16  # scales are stored as fp16
 
@@ -215,7 +215,7 @@ class FloatFormat(_ElementGrid):
 _NATIVE_FP8 = {minifloat.FP8_E4M3: torch.float8_e4m3fn, minifloat.FP8_E5M2: torch.float8_e5m2}
 
 
-@lru_cache(maxsize=None)
+@tensor_cache()
 def _magnitude_tables(fmt: minifloat.Minifloat) -> tuple[torch.Tensor, torch.Tensor]:
     mags = fmt.magnitudes()
     mids = torch.cat([(mags[1:] + mags[:-1]) / 2, torch.tensor([float("inf")], dtype=torch.float64)])

@@ -24,6 +24,7 @@ import operator
 import torch
 
 from bitsmith.errors import BitsmithError
+from bitsmith.tensor_cache import tensor_cache
 
 
 def _prime_power(q: int) -> tuple[int, int] | None:
@@ -103,7 +104,7 @@ def _jacobsthal(q: int) -> torch.Tensor:
     return _quadratic_character(p, r)[(diff * torch.tensor([p**i for i in range(r)])).sum(-1)]
 
 
-@functools.lru_cache(maxsize=None)
+@tensor_cache()
 def _core(m: int) -> torch.Tensor:
     """The ±1 Hadamard matrix of order ``m`` (1 or a Paley order), float64, verified; read-only."""
     if m == 1:
@@ -126,7 +127,7 @@ def _core(m: int) -> torch.Tensor:
 _BLOCK = 64  # the dense first step spans >= this many columns: short butterfly strides are slow
 
 
-@functools.lru_cache(maxsize=64)
+@tensor_cache(maxsize=64)
 def _first_step(n: int, scale: bool, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """``kron(S_r, M_m).T`` (``r`` the smallest power of two with ``r * m >= _BLOCK``), scale folded in."""
     pow2, m = _decompose(n)

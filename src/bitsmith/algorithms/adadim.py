@@ -10,6 +10,13 @@ layer reproduces the calibration outputs best: the least ``||W X - Q X||^2``, he
 candidate is solved by the chosen weight solver (``rtn`` or ``gptq``, :data:`SOLVERS`), so AdaDim
 augments either, as the paper does. A candidate whose groups do not divide the layer (per-IC g64 on a
 32-row layer) is skipped. Choices are kept in ``choices`` (role, chosen spec, both errors).
+
+The authors' code (github.com/johnheo/adadim-llm) measures the output of the attention or MLP
+sub-block for q/k/v and gate/up, and of the layer for o and down. On the default model (W3 g64,
+MSE-clipped grids, 8 calibration sequences) that criterion also picks per-IC for v in 29 of 30 blocks,
+and the model it gives has the same perplexity and KL within about 1%. Leaving out position 0, or
+weighting each token by ``1/rms^2`` of its residual stream, changes at most two of the 210 choices
+(both down_proj) and none for v. So the Hessian form stays.
 """
 
 from __future__ import annotations

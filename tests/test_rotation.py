@@ -107,6 +107,29 @@ def test_cayley_step_keeps_orthogonality():
     assert (g * cayley_step(r, g, lr=1e-3)).sum() < (g * r).sum()
 
 
+def test_cayley_step_is_bounded_by_the_inverse_norm_of_the_skew_gradient():
+    """Li et al. (arXiv 2002.01113): the step is min(lr, 1 / ||A||_1), so a large gradient cannot throw
+    the rotation far; a small one takes the full learning rate."""
+    from bitsmith.algorithms.spinquant import cayley_step
+    from bitsmith.transforms.hadamard import random_hadamard_matrix
+
+    r = random_hadamard_matrix(64, seed=1, dtype=torch.float64)
+    g = torch.randn(64, 64, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    eye = torch.eye(64, dtype=torch.float64)
+
+    def plain(grad, t):  # the unbounded Cayley update
+        a = grad @ r.T - r @ grad.T
+        return torch.linalg.solve(eye + t / 2 * a, (eye - t / 2 * a) @ r)
+
+    big = 100 * g
+    bound = 1 / float((big @ r.T - r @ big.T).abs().sum(0).max())
+    assert bound < 1.5
+    torch.testing.assert_close(cayley_step(r, big, lr=1.5), plain(big, bound))
+    assert (cayley_step(r, big, lr=1.5) - plain(big, 1.5)).abs().max() > 0.1
+    small = 1e-6 * g
+    torch.testing.assert_close(cayley_step(r, small, lr=1.5), plain(small, 1.5))
+
+
 def test_spinquant_without_training_is_quarot(tiny_llama, calib_file):
     folder, _ = tiny_llama
     tokens = _tokens(seed=4)

@@ -15,7 +15,6 @@ Training needs the whole model in memory (every layer shares R1), so it cannot b
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from dataclasses import dataclass
 
@@ -170,16 +169,6 @@ class _Trainer:
         kvcache.use_hooked_attention(self.lm.model)
         return self
 
-    @contextlib.contextmanager
-    def float_network(self):
-        """The patched model with nothing quantized: the float model's function (rotations cancel)."""
-        saved = self.weights, self.activations, self.kv
-        self.weights = self.activations = self.kv = None
-        try:
-            yield
-        finally:
-            self.weights, self.activations, self.kv = saved
-
     def __exit__(self, *exc) -> None:
         ad = self.lm.adapter
         ad.set_embeddings(self.saved["emb"])
@@ -213,7 +202,6 @@ class SpinQuant(Step):
     batch: int = 1  # calibration windows per step (of the recipe's calibration length)
     lr: float = 1.5
     seed: int | None = None
-    loss: str = "ce"
 
     def __post_init__(self) -> None:
         self.wspec = None if self.weights is None else QuantSpec.coerce(self.weights).require(WEIGHT_GRANULARITIES, "weights")
@@ -255,7 +243,7 @@ class SpinQuant(Step):
                 lr = self.lr * (1 - it / self.iterations)  # linear decay, as the paper trains
                 idx = torch.randint(0, tokens.shape[0], (self.batch,), generator=gen)
                 batch = tokens[idx]
-                loss = self._loss(ctx.lm.model, trainer, batch)
+                loss = ctx.lm.model(input_ids=batch, labels=batch, use_cache=False).loss
                 if not torch.isfinite(loss):
                     raise BitsmithError("spinquant: the training loss became non-finite; lower lr (e.g. lr: 0.5)")
                 grads = torch.autograd.grad(loss, params)
@@ -266,14 +254,6 @@ class SpinQuant(Step):
                 bar.set_postfix(loss=f"{loss.item():.3f}")
         log.info("spinquant: loss %.4f -> %.4f over %d steps", self.losses[0], self.losses[-1], len(self.losses))
         return params[0].detach(), [p.detach() for p in params[1:]]
-
-    def _loss(self, model, trainer, batch):
-        if self.loss == "ce":
-            return model(input_ids=batch, labels=batch, use_cache=False).loss
-        with torch.no_grad(), trainer.float_network():
-            ref = model(input_ids=batch, use_cache=False).logits.float().log_softmax(-1).flatten(0, -2)
-        out = model(input_ids=batch, use_cache=False).logits.float().log_softmax(-1).flatten(0, -2)
-        return F.kl_div(out, ref, log_target=True, reduction="batchmean")  # KL(float || quantized) per token
 
     def apply_block(self, ctx, block) -> None:
         fold.rotate_block(ctx.lm.adapter, block, self.r1, self.r2[self.blocks[id(block)]])

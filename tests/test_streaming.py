@@ -18,6 +18,10 @@ GPTQ_A8 = {"name": "gptq-a8", "calibration": {"samples": 4, "seq": 32}, "steps":
     {"gptq": {"weights": "int4:g32:asym", "lm_head": True}},
     {"act_quant": {"spec": "int8:token:asym"}},
 ]}
+SMOOTH = {"name": "smooth-a8", "calibration": {"samples": 4, "seq": 32}, "steps": [  # folds scales into v and up
+    {"smoothquant": {"alpha": "search"}}, {"act_quant": {"spec": "int8:tensor:sym", "static": True}},
+    {"rtn": {"weights": "int4:g32:asym"}},
+]}
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +37,8 @@ def _same_logits(a: Path, b: Path) -> bool:
         return torch.equal(load_model(str(a)).model(input_ids=ids).logits, load_model(str(b)).model(input_ids=ids).logits)
 
 
-@pytest.mark.parametrize("which, recipe", [("tiny_llama", GPTQ_A8), ("tiny_llama", "w4a4kv4"), ("tiny_qwen2", "w4a16-g64")])
+@pytest.mark.parametrize("which, recipe", [("tiny_llama", GPTQ_A8), ("tiny_llama", SMOOTH), ("tiny_llama", "w4a4kv4"),
+                                           ("tiny_qwen2", "w4a16-g64")])
 def test_streamed_equals_in_memory(which, recipe, request, tmp_path, calib_file):
     folder, _ = request.getfixturevalue(which)
     bitsmith.quantize(str(folder), recipe, out=str(tmp_path / "mem"), calib=calib_file, progress=False)
@@ -83,6 +88,30 @@ def test_released_block_frees_its_tensors(tiny_llama):
     assert not any(p.is_meta for p in block.parameters())
     lazy.release(block)
     assert all(t.is_meta for t in block.state_dict().values())
+
+
+def test_parked_outside_parameters_come_back_as_read(tiny_llama):
+    """While the blocks are processed a streamed model drops the embeddings (and whatever else outside
+    the blocks no step changed); they are read again afterwards, tied as before."""
+    from bitsmith.models import lazy
+    from bitsmith.models.load import load_model_streamed
+
+    folder, model = tiny_llama
+    lm = load_model_streamed(str(folder))
+    read = lazy.materialize_outside_blocks(lm.model, lm.adapter.blocks(), lm.weights)
+    ad = lm.adapter
+    with torch.no_grad():
+        ad.final_norm().weight.mul_(2)  # changed in place by a step: must stay
+    parked = lazy.park_unchanged(lm.model, read)
+    assert sorted(parked) == ["model.embed_tokens.weight"]
+    assert ad.embeddings().weight.is_meta and ad.tied_embeddings() and not ad.final_norm().weight.is_meta
+    lazy.unpark(lm.model, parked, lm.weights)
+    assert torch.equal(ad.embeddings().weight, model.model.embed_tokens.weight) and ad.tied_embeddings()
+    parked = lazy.park_unchanged(lm.model, lazy.materialize_outside_blocks(lm.model, lm.adapter.blocks(), lm.weights))
+    with torch.no_grad():
+        ad.embeddings().weight.mul_(2)  # a step changing a dropped parameter cannot go unnoticed
+    with pytest.raises(BitsmithError, match="changed while the blocks were processed"):
+        lazy.unpark(lm.model, parked, lm.weights)
 
 
 def test_stream_needs_an_output_and_a_float_source(tiny_llama, tmp_path):

@@ -63,6 +63,9 @@ class GGUFTensor:
         return int(np.prod(self.stored_shape))
 
 
+_ROWS = 4096  # rows of a block-quantized tensor decoded at a time
+
+
 class GGUFModelFile:
     """A GGUF checkpoint opened for reading; tensors are read and dequantized lazily."""
 
@@ -142,8 +145,16 @@ class GGUFModelFile:
             raw = np.fromfile(fh, dtype=t.dtype, count=t.count)
         if raw.size != t.count:
             raise BitsmithError(f"{self.path} is truncated (tensor {name}); re-download or re-export it")
+        raw = raw.reshape(t.stored_shape)
         try:
-            arr = gguf.quants.dequantize(raw.reshape(t.stored_shape), t.tensor_type)
+            if raw.ndim > 1 and raw.dtype == np.uint8:  # block-quantized rows decode independently: a few at a time,
+                first = gguf.quants.dequantize(raw[:_ROWS], t.tensor_type)  # so the decoder's temporaries stay small
+                arr = np.empty((raw.shape[0], *first.shape[1:]), dtype=np.float32)
+                arr[:_ROWS] = first
+                for r in range(_ROWS, raw.shape[0], _ROWS):
+                    arr[r : r + _ROWS] = gguf.quants.dequantize(raw[r : r + _ROWS], t.tensor_type)
+            else:
+                arr = gguf.quants.dequantize(raw, t.tensor_type)
         except Exception as e:
             raise BitsmithError(f"{self.path}: cannot decode tensor {name} of type {t.tensor_type.name} ({e})") from None
         w = torch.from_numpy(np.array(arr, dtype=np.float32, copy=not arr.flags.writeable))

@@ -95,6 +95,7 @@ def run_recipe(lm: LoadedModel, recipe: Recipe, calib_text: Text, seed: int = 0,
         if lm.weights is not None:
             lazy.bound_heap_growth()
             ctx._read_outside = lazy.materialize_outside_blocks(lm.model, lm.adapter.blocks(), lm.weights)
+            lazy.trim_heap()
         for step in recipe.steps:
             step.prepare(ctx)
         calibrated = any(step.calibrated or step.transforms_inputs for step in recipe.steps)
@@ -125,6 +126,7 @@ def _blocks(ctx: Context, writer: CheckpointWriter | None, desc: str) -> Iterato
         if lm.weights is not None:
             writer.write_block(lm.model, block)
             lazy.release(block)
+            lazy.trim_heap()
 
 
 class _StopForward(Exception):
@@ -287,7 +289,10 @@ def run_calibrated(ctx: Context, steps: list[Step], blocks: Iterable[nn.Module] 
         run_reconstruction(ctx, steps, recon[0], transformers, blocks)
         return
     streamed = ctx.lm.weights is not None
-    hidden, kwargs = capture_block_inputs(ctx.lm.model, ad, ctx.calibration())
+    tokens = ctx.calibration()
+    if streamed:
+        lazy.trim_heap()  # what tokenizing the calibration text left
+    hidden, kwargs = capture_block_inputs(ctx.lm.model, ad, tokens)
     read, ctx._read_outside = ctx._read_outside, {}
     parked = lazy.park_unchanged(ctx.lm.model, read) if streamed else {}  # the embeddings, mostly
     del read
@@ -296,14 +301,16 @@ def run_calibrated(ctx: Context, steps: list[Step], blocks: Iterable[nn.Module] 
         for step in steps:
             step.apply_block(ctx, block)
         run_block(ad, block, hidden, kwargs, solvers, transformers, ctx, hold)
-    lazy.unpark(ctx.lm.model, parked, ctx.lm.weights)
     head_solvers = [s for s in solvers if s.wants_lm_head()]
     if head_solvers:
+        lazy.unpark(ctx.lm.model, parked, ctx.lm.weights)
+        parked = {}
         hess = InputStats(hidden[0].shape[-1], ranges=False)
         for h in hidden:
             hess.add(ad.final_norm()(h))
         ad.set_lm_head(_solve(head_solvers, {"lm_head": ad.lm_head()}, hess)["lm_head"])
-    del hidden
+    del hidden, kwargs
+    lazy.unpark(ctx.lm.model, parked, ctx.lm.weights)
 
 
 def _forward(blocks: list[nn.Module], hidden: torch.Tensor, kwargs: dict, batch: int) -> torch.Tensor:

@@ -186,6 +186,16 @@ def unpark(model: nn.Module, parked: dict[str, tuple[nn.Parameter, int]], source
             raise BitsmithError(f"internal error: {name} was changed while the blocks were processed, after it was dropped")
 
 
+def _libc():
+    try:
+        import ctypes
+        import ctypes.util
+
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+
+
 def bound_heap_growth() -> None:
     """Stop glibc's heap from growing block after block while streaming.
 
@@ -194,14 +204,25 @@ def bound_heap_growth() -> None:
     the process then grows by a Hessian or a weight copy per block although nothing stays alive.
     A fixed threshold (128 KiB) returns every large buffer to the system when it is freed.
     """
+    libc = _libc()
     try:
-        import ctypes
-        import ctypes.util
-
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
-    except (OSError, AttributeError):
+    except AttributeError:
         pass  # not glibc: its allocator has its own policy
+
+
+def trim_heap() -> None:
+    """Hand the free pages inside glibc's heaps back to the system.
+
+    Small allocations freed in bulk (the GGUF parser's objects, the tokenizer's output for the
+    calibration text, a block's Python objects) leave free pages between live ones that glibc
+    keeps otherwise; ``malloc_trim`` releases them (tens of MB after loading).
+    """
+    libc = _libc()
+    try:
+        libc.malloc_trim(0)
+    except AttributeError:
+        pass
 
 
 def release(module: nn.Module) -> None:

@@ -9,15 +9,21 @@ calibrated step (GPTQ and later solvers) runs the calibration pipeline:
    then each residual branch ``h + body(norm(h))`` runs in two stages over all chunks: ``norm(h)``
    feeds the Hessian of the linears that read it (q/k/v; gate/up), which are solved; then the body
    runs with those *quantized* linears, with its closing linear (o; down) passed through, so its
-   inner activation feeds that linear's Hessian; it is solved and the branch output added to ``h``;
+   inner activation feeds that linear's Hessian; it is solved and the branch output added to ``h``
+   (in place), from the inner activation kept from that pass or, past a byte budget, computed again
+   chunk by chunk by the same layers (same values);
 3. the outputs of block ``i`` (computed by the quantized block) are the inputs of block ``i + 1``.
 
 A reconstructing step (FlexRound, LRQ, CBQ) runs :func:`run_reconstruction` instead: whole blocks
 (or windows of blocks) are trained against the float block's outputs on their calibration inputs.
 
-Every matrix product of the block runs once ("true sequential" GPTQ without a second propagation
-pass), and the activations held are one block's: the hidden states plus one branch's inner
-activation, for all calibration tokens.
+In memory, every matrix product of the block runs once ("true sequential" GPTQ without a second
+propagation pass), and the activations held are the hidden states plus one branch's inner activation,
+for all calibration tokens (on the default model, 151 + 403 MB for the MLP at 128 x 512 tokens). A
+streamed run keeps no inner activation: it computes the branch bodies (not their closing linears)
+a second time, so its activations are the hidden states plus one chunk's scratch; the result is
+the same to the bit. The streamed run also drops the embeddings while the blocks run
+(:func:`bitsmith.models.lazy.park_unchanged`).
 """
 
 from __future__ import annotations

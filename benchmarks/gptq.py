@@ -1,12 +1,14 @@
 """RTN vs GPTQ on the default model: ppl, KL, top-1, bpw, quantization wall time and peak memory.
 
     python benchmarks/gptq.py [--settings w4a16-g64,w4a16,w3a16-g64,w2a16-g32] [--samples 128] [--seq 512]
+    python benchmarks/gptq.py --settings w4a16-g64 --only-stream   # the streamed row alone
 
 Each row runs in its own process, so "peak MB" is that run's own peak resident memory (model load,
 quantization and evaluation included). The GPTQ rows use the built-in ``gptq-*`` recipes; the RTN
 row of each setting quantizes to exactly the same spec. The last row repeats the first GPTQ setting
 with ``--stream`` (weights read and written block by block) and reports its peak during quantization
-only. Ratios are against the float model and the RTN row measured in the same run.
+only (model load included, evaluation not). Ratios are against the float model and the RTN row measured
+in the same run.
 """
 
 from __future__ import annotations
@@ -63,8 +65,11 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=512, help="evaluation window")
     ap.add_argument("--windows", type=int, default=8, help="evaluation windows")
     ap.add_argument("--no-stream", action="store_true", help="skip the streamed row")
+    ap.add_argument("--only-stream", action="store_true", help="only the streamed row (of the first setting)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
+    if args.only_stream and args.no_stream:
+        ap.error("--only-stream and --no-stream exclude each other")
 
     import bitsmith
     from bitsmith.eval.report import format_table, protocol_line
@@ -72,7 +77,7 @@ def main() -> None:
     float_row = {"recipe": "float", **bitsmith.evaluate("default", seq=args.seq, windows=args.windows, progress=False)}
     rows = [float_row]
     settings = [s.strip() for s in args.settings.split(",") if s.strip()]
-    for setting in settings:
+    for setting in [] if args.only_stream else settings:
         rtn = run_row("rtn", setting, args)
         gptq = run_row("gptq", setting, args)
         gptq["ppl_vs_rtn"] = gptq["ppl"] / rtn["ppl"]

@@ -124,3 +124,46 @@ def test_gptq_builtin_recipes_load():
     for name in ["gptq-w4a16-g64", "gptq-w4a16", "gptq-w3a16-g64", "gptq-w2a16-g32"]:
         rec = load_recipe(name)
         assert rec.steps[0].calibrated and rec.calibration == {"samples": 128, "seq": 512}
+
+
+SMOOTH_RTN = [("smoothquant", {"alpha": "search"}), ("act_quant", {"spec": "int8:tensor:sym", "static": True}),
+              ("rtn", {"weights": "int4:g16:asym"})]  # folds the o and down input scales into v and up
+
+
+@pytest.mark.parametrize("recipe", [[("gptq", {"weights": "int4:g16:asym"})], SMOOTH_RTN], ids=["gptq", "smoothquant"])
+def test_inner_activations_kept_or_computed_again_give_the_same_result(tiny_llama, recipe):
+    """run_block keeps a branch's inner activations within ``hold_bytes`` and computes the others
+    again for the branch output: all, some or none kept, the blocks and their outputs are the same,
+    also when a step folds a change of that input into the layers producing it (smoothquant)."""
+    import math
+
+    from bitsmith.pipeline import Context
+    from bitsmith.registry import make_step
+
+    folder, _ = tiny_llama
+    tokens = _tokens()
+    results = []
+    for hold in (math.inf, "one chunk", 0):
+        lm = load_model(str(folder))
+        ad = lm.adapter
+        steps = [make_step(name, args) for name, args in recipe]
+        ctx = Context(lm, None, progress=False)
+        ctx._calib = tokens
+        with torch.no_grad():
+            for s in steps:
+                s.prepare(ctx)
+            hidden, kwargs = capture_block_inputs(lm.model, ad, tokens, chunk_tokens=48)  # 3 chunks
+            if hold == "one chunk":  # one attention chunk fits (its inner is as wide as the hidden states), no MLP chunk
+                hold = hidden[0].nbytes
+            solvers = [s for s in steps if s.calibrated and not s.transforms_inputs]
+            transformers = [s for s in steps if s.transforms_inputs]
+            for block in ad.blocks():
+                for s in steps:
+                    s.apply_block(ctx, block)
+                run_block(ad, block, hidden, kwargs, solvers, transformers, ctx, hold_bytes=hold)
+        results.append((torch.cat(hidden), {k: v.clone() for k, v in lm.model.state_dict().items()}))
+    (h_ref, sd_ref), *others = results
+    assert any(isinstance(m, QuantLinear) for m in lm.model.modules())
+    for h, sd in others:
+        assert torch.equal(h, h_ref)
+        assert sd.keys() == sd_ref.keys() and all(torch.equal(sd[k], sd_ref[k]) for k in sd)

@@ -18,6 +18,10 @@ GPTQ_A8 = {"name": "gptq-a8", "calibration": {"samples": 4, "seq": 32}, "steps":
     {"gptq": {"weights": "int4:g32:asym", "lm_head": True}},
     {"act_quant": {"spec": "int8:token:asym"}},
 ]}
+SMOOTH = {"name": "smooth-a8", "calibration": {"samples": 4, "seq": 32}, "steps": [  # folds scales into v and up
+    {"smoothquant": {"alpha": "search"}}, {"act_quant": {"spec": "int8:tensor:sym", "static": True}},
+    {"rtn": {"weights": "int4:g32:asym"}},
+]}
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +37,8 @@ def _same_logits(a: Path, b: Path) -> bool:
         return torch.equal(load_model(str(a)).model(input_ids=ids).logits, load_model(str(b)).model(input_ids=ids).logits)
 
 
-@pytest.mark.parametrize("which, recipe", [("tiny_llama", GPTQ_A8), ("tiny_llama", "w4a4kv4"), ("tiny_qwen2", "w4a16-g64")])
+@pytest.mark.parametrize("which, recipe", [("tiny_llama", GPTQ_A8), ("tiny_llama", SMOOTH), ("tiny_llama", "w4a4kv4"),
+                                           ("tiny_qwen2", "w4a16-g64")])
 def test_streamed_equals_in_memory(which, recipe, request, tmp_path, calib_file):
     folder, _ = request.getfixturevalue(which)
     bitsmith.quantize(str(folder), recipe, out=str(tmp_path / "mem"), calib=calib_file, progress=False)
@@ -85,6 +90,30 @@ def test_released_block_frees_its_tensors(tiny_llama):
     assert all(t.is_meta for t in block.state_dict().values())
 
 
+def test_parked_outside_parameters_come_back_as_read(tiny_llama):
+    """While the blocks are processed a streamed model drops the embeddings (and whatever else outside
+    the blocks no step changed); they are read again afterwards, tied as before."""
+    from bitsmith.models import lazy
+    from bitsmith.models.load import load_model_streamed
+
+    folder, model = tiny_llama
+    lm = load_model_streamed(str(folder))
+    read = lazy.materialize_outside_blocks(lm.model, lm.adapter.blocks(), lm.weights)
+    ad = lm.adapter
+    with torch.no_grad():
+        ad.final_norm().weight.mul_(2)  # changed in place by a step: must stay
+    parked = lazy.park_unchanged(lm.model, read)
+    assert sorted(parked) == ["model.embed_tokens.weight"]
+    assert ad.embeddings().weight.is_meta and ad.tied_embeddings() and not ad.final_norm().weight.is_meta
+    lazy.unpark(lm.model, parked, lm.weights)
+    assert torch.equal(ad.embeddings().weight, model.model.embed_tokens.weight) and ad.tied_embeddings()
+    parked = lazy.park_unchanged(lm.model, lazy.materialize_outside_blocks(lm.model, lm.adapter.blocks(), lm.weights))
+    with torch.no_grad():
+        ad.embeddings().weight.mul_(2)  # a step changing a dropped parameter cannot go unnoticed
+    with pytest.raises(BitsmithError, match="changed while the blocks were processed"):
+        lazy.unpark(lm.model, parked, lm.weights)
+
+
 def test_stream_needs_an_output_and_a_float_source(tiny_llama, tmp_path):
     folder, _ = tiny_llama
     with pytest.raises(BitsmithError, match="output folder"):
@@ -123,9 +152,12 @@ CAPPED = textwrap.dedent("""
     bitsmith.quantize(sys.argv[1], sys.argv[3], out=sys.argv[5] + "-warm", calib=sys.argv[4], progress=False, stream=True)
     data = [int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmData:")][0]
     cap = int(sys.argv[6])
+    if sys.argv[7] == "stream-hold":  # keep every inner activation, as the in-memory path does
+        import bitsmith.pipeline
+        bitsmith.pipeline.STREAMED_HOLD_BYTES = float("inf")
     resource.setrlimit(resource.RLIMIT_DATA, (data + cap, resource.RLIM_INFINITY))
     bitsmith.quantize(sys.argv[2], sys.argv[3], out=sys.argv[5], calib=sys.argv[4], progress=False,
-                      stream=sys.argv[7] == "stream")
+                      stream=sys.argv[7].startswith("stream"))
     print("done")
 """)
 
@@ -160,6 +192,39 @@ def test_quantizes_under_a_memory_cap_smaller_than_the_model(tiny_llama, tmp_pat
     in_memory = run("full")
     assert in_memory.returncode != 0 and "memory" in in_memory.stderr.lower()
     assert not (tmp_path / "out-full").exists()
+
+
+def test_streamed_activations_stay_at_the_hidden_states(tiny_llama, tmp_path, calib_file):
+    """With 32k calibration tokens and a wide MLP, the MLP's inner activation for all tokens is 134 MB
+    and the hidden states 8 MB: a streamed run computes the inner activation again chunk by chunk
+    and fits in 100 MB of new private memory; keeping it for all tokens (as the in-memory path does)
+    does not, so the cap binds on exactly what the stream leaves out."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from conftest import save_tiny
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=1024, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=4, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
+    model = save_tiny(tmp_path / "wide-mlp", LlamaForCausalLM(cfg))
+    samples, seq = 64, 512
+    inner_bytes = samples * seq * cfg.intermediate_size * 4
+    cap = 100 * 2**20
+    assert cap < inner_bytes
+    script = tmp_path / "capped.py"
+    script.write_text(CAPPED)
+    recipe = tmp_path / "gptq.yaml"
+    recipe.write_text(f"calibration: {{samples: {samples}, seq: {seq}}}\nsteps:\n  - gptq: {{weights: 'int4:g64'}}\n")
+    tiny, _ = tiny_llama
+
+    def run(mode: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, str(script), str(tiny), str(model), str(recipe), calib_file,
+                               str(tmp_path / f"out-{mode}"), str(cap), mode], capture_output=True, text=True, timeout=900)
+
+    streamed = run("stream")
+    assert streamed.returncode == 0 and "done" in streamed.stdout, streamed.stderr[-2000:]
+    held = run("stream-hold")
+    assert held.returncode != 0 and "memory" in held.stderr.lower(), held.stderr[-2000:]
 
 
 def test_cli_stream_flag(tiny_llama, tmp_path):

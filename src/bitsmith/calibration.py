@@ -78,12 +78,12 @@ class InputStats:
     def gram(self) -> torch.Tensor:
         """``X^T X`` (full, float64)."""
         self._check()
-        upper = self.sum.double().triu()
-        return upper + upper.triu(1).T
+        upper = self.sum.double().triu_()
+        return upper.add_(upper.triu(1).T)  # in place: one matrix less than ``upper + upper.triu(1).T``, same values
 
     def value(self) -> torch.Tensor:
         """GPTQ's Hessian ``2 X^T X / n`` (float32)."""
-        return (self.gram() * (2.0 / self.rows)).float()
+        return self.gram().mul_(2.0 / self.rows).float()
 
     def absmax(self) -> torch.Tensor:
         """Per-channel largest magnitude (SmoothQuant's activation statistic)."""

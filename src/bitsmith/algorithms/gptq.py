@@ -83,27 +83,31 @@ def _ic_grid(wt: torch.Tensor, ospec: QuantSpec, fmt: NumberFormat) -> torch.Ten
     return gp.repeat_interleave(ospec.group_size, dim=1)  # (cols, rows // g, k) -> (cols, rows, k)
 
 
-def _inverse_hessian_factor(h: torch.Tensor, damp: float) -> torch.Tensor:
-    """Upper triangular ``U`` with ``U^T U = (H + damp*mean(diag H)*I)^-1``.
+def _inverse_hessian_factor(flipped: torch.Tensor, damp: float) -> torch.Tensor:
+    """Upper triangular ``U`` with ``U^T U = (H + damp*mean(diag H)*I)^-1``, given ``flipped = J H J``
+    (``H`` with its rows and columns reversed), which it overwrites.
 
     Factor the reversed matrix, ``J H J = L L^T``; then ``H = R R^T`` with ``R = J L J`` upper
     triangular, and ``U = R^-1``: one Cholesky and one triangular inverse. Raises the dampening
-    (and logs it) until the factorisation succeeds.
+    (and logs it) until the factorisation succeeds. (The caller builds ``J H J`` in one gather and
+    hands it over, so no other copy of the float64 Hessian is alive meanwhile.)
     """
-    mean_diag = torch.diag(h).mean().item()
-    flipped = h.flip(0, 1)  # a copy; the damping below is added in place, on its (reversed) diagonal
+    mean_diag = torch.diag(flipped).flip(0).mean().item()  # in H's order, as the sum's rounding depends on it
     d, added = damp, 0.0
     for _ in range(8):
         flipped.diagonal().add_(d * mean_diag - added)
         added = d * mean_diag
         l, info = torch.linalg.cholesky_ex(flipped)
         if info.item() == 0:
-            eye = torch.eye(h.shape[0], dtype=h.dtype)
-            u = torch.linalg.solve_triangular(l.flip(0, 1), eye, upper=True)
+            r = l.flip(0, 1)
+            del l
+            u = torch.linalg.solve_triangular(r, torch.eye(r.shape[0], dtype=r.dtype), upper=True)
+            del r
             if torch.isfinite(u).all():
                 if d != damp:
                     log.warning("GPTQ: Hessian not positive definite at damp=%g; used damp=%g", damp, d)
                 return u
+            del u
         d = d * 10 if d > 0 else 1e-4
     raise BitsmithError("GPTQ: the Hessian stays singular even with heavy dampening; the calibration inputs are degenerate (check for NaNs or constant inputs)")
 
@@ -137,7 +141,7 @@ def gptq_quantize(
     spec, _, per_ic = oriented(spec, (rows, cols))  # per-IC: grids of the transposed weight's rows
     group = spec.group_size if spec.granularity == "group" and not per_ic else None
     integer.group_view(w.T if per_ic else w, spec)  # raises a clear error when the group size does not divide
-    h = h.clone().double()
+    h = h.to(torch.float64, copy=True)
     dead = torch.diag(h) == 0
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
@@ -164,7 +168,11 @@ def gptq_quantize(
 
     # Work on W^T so that a column of W is a contiguous row.
     wt = w.T[perm].contiguous()
-    u = _inverse_hessian_factor(h[perm][:, perm], damp).float()
+    rev = perm.flip(0)
+    flipped = h[rev][:, rev]  # the permuted Hessian reversed: J P^T H P J
+    del h
+    u = _inverse_hessian_factor(flipped, damp).float()
+    del flipped
     if group is not None and not static:  # groups must not straddle blocks so each is fully updated
         block_size = max(group, block_size // group * group)
     codes = torch.empty(cols, rows)

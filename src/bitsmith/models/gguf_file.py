@@ -1,15 +1,22 @@
 """Read a GGUF file as a Hugging Face config plus float tensors, one tensor at a time.
 
-The ``gguf`` package parses the file (memory-mapped) and dequantizes its blocks; this module maps
+The ``gguf`` package parses the file's header and dequantizes its blocks; this module maps
 llama.cpp's tensor names and metadata onto the Hugging Face layout. llama.cpp's converter permutes
 the rows of the Llama q/k projections (interleaved rotary halves); they are permuted back here.
+
+Only what loading needs is kept from the header: the scalar metadata, the length of each array
+(the tokenizer's vocabulary and merges are read by the tokenizer loader, not here) and each tensor's
+type, shape and byte range. The parser's objects for a 49k-token vocabulary take about 130 MB, and
+pages of a memory-mapped file count as resident once touched, so tensors are read with plain file
+reads: a streamed model holds only the block it works on.
 """
 
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -41,8 +48,26 @@ _TOP_NAMES = {
 }
 
 
+@dataclass(frozen=True)
+class GGUFTensor:
+    """Where a tensor lies in the file: raw item type and array shape as stored, byte offset."""
+
+    name: str
+    tensor_type: Any  # gguf.GGMLQuantizationType
+    dtype: np.dtype  # of the stored items (bytes for block-quantized types), in the file's byte order
+    stored_shape: tuple[int, ...]
+    data_offset: int
+
+    @property
+    def count(self) -> int:
+        return int(np.prod(self.stored_shape))
+
+
+_ROWS = 4096  # rows of a block-quantized tensor decoded at a time
+
+
 class GGUFModelFile:
-    """A GGUF checkpoint opened for reading; tensors are dequantized lazily."""
+    """A GGUF checkpoint opened for reading; tensors are read and dequantized lazily."""
 
     def __init__(self, path: str | Path) -> None:
         import gguf
@@ -51,22 +76,29 @@ class GGUFModelFile:
         if not self.path.is_file():
             raise BitsmithError(f"GGUF file not found: {self.path}; check the path")
         try:
-            self.reader = gguf.GGUFReader(str(self.path))
+            reader = gguf.GGUFReader(str(self.path))
         except Exception as e:  # the gguf parser raises many kinds on a damaged file
             raise BitsmithError(f"{self.path} is not a readable GGUF file ({type(e).__name__}: {e}); re-download or re-export it") from None
+        self._scalars: dict[str, Any] = {}
+        self._lengths: dict[str, int] = {}
+        for key, f in reader.fields.items():
+            if f.types and f.types[0] == gguf.GGUFValueType.ARRAY:
+                self._lengths[key] = len(f.data)
+            else:
+                self._scalars[key] = f.contents()
+        self.tensors = {t.name: GGUFTensor(t.name, t.tensor_type, t.data.dtype, tuple(t.data.shape), int(t.data_offset))
+                        for t in reader.tensors}
+        del reader  # drops the parser's per-string objects and its memory map
         arch = self._field("general.architecture")
         if arch not in _ARCHS:
             check_supported(str(arch))  # raises with the list of supported architectures
             raise BitsmithError(f"GGUF architecture {arch!r} has no tensor mapping yet; supported: {', '.join(_ARCHS)}")
         self.arch = arch
         self.model_type, self._permuted_qk = _ARCHS[arch]
-        self.tensors = {t.name: t for t in self.reader.tensors}
 
     def _field(self, key: str, default=None):
-        f = self.reader.fields.get(key)
-        if f is None:
-            return default
-        return f.contents()
+        """A scalar or string metadata value (arrays are not kept; see ``_lengths``)."""
+        return self._scalars.get(key, default)
 
     def config(self):
         """A Hugging Face config built from the GGUF metadata."""
@@ -75,8 +107,7 @@ class GGUFModelFile:
         a = self.arch
         heads = int(self._field(f"{a}.attention.head_count"))
         hidden = int(self._field(f"{a}.embedding_length"))
-        tokens = self._field("tokenizer.ggml.tokens")
-        vocab = int(self._field(f"{a}.vocab_size", len(tokens) if tokens is not None else 0))
+        vocab = int(self._field(f"{a}.vocab_size", self._lengths.get("tokenizer.ggml.tokens", 0)))
         kw = dict(
             vocab_size=vocab,
             hidden_size=hidden,
@@ -109,8 +140,21 @@ class GGUFModelFile:
         import gguf
 
         t = self.tensors[name]
+        with open(self.path, "rb") as fh:
+            fh.seek(t.data_offset)
+            raw = np.fromfile(fh, dtype=t.dtype, count=t.count)
+        if raw.size != t.count:
+            raise BitsmithError(f"{self.path} is truncated (tensor {name}); re-download or re-export it")
+        raw = raw.reshape(t.stored_shape)
         try:
-            arr = gguf.quants.dequantize(t.data, t.tensor_type)
+            if raw.ndim > 1 and raw.dtype == np.uint8:  # block-quantized rows decode independently: a few at a time,
+                first = gguf.quants.dequantize(raw[:_ROWS], t.tensor_type)  # so the decoder's temporaries stay small
+                arr = np.empty((raw.shape[0], *first.shape[1:]), dtype=np.float32)
+                arr[:_ROWS] = first
+                for r in range(_ROWS, raw.shape[0], _ROWS):
+                    arr[r : r + _ROWS] = gguf.quants.dequantize(raw[r : r + _ROWS], t.tensor_type)
+            else:
+                arr = gguf.quants.dequantize(raw, t.tensor_type)
         except Exception as e:
             raise BitsmithError(f"{self.path}: cannot decode tensor {name} of type {t.tensor_type.name} ({e})") from None
         w = torch.from_numpy(np.array(arr, dtype=np.float32, copy=not arr.flags.writeable))

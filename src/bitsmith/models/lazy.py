@@ -132,8 +132,11 @@ def materialize(model: nn.Module, module: nn.Module, source: WeightSource) -> No
             _read_parameter(module, name, f"{prefix}.{name}" if prefix else name, source)
 
 
-def materialize_outside_blocks(model: nn.Module, blocks: list[nn.Module], source: WeightSource) -> None:
-    """Read every parameter that is not inside a block (embeddings, final norm, lm_head)."""
+def materialize_outside_blocks(model: nn.Module, blocks: list[nn.Module], source: WeightSource) -> dict[str, tuple[nn.Parameter, int]]:
+    """Read every parameter that is not inside a block (embeddings, final norm, lm_head).
+
+    Returns what was read: name -> (parameter, its version counter then), for :func:`park_unchanged`.
+    """
     tied = getattr(model.config, "tie_word_embeddings", False)
     if tied:  # share one meta parameter first, so the loop reads it once, under the embedding's name
         model.get_output_embeddings().weight = model.get_input_embeddings().weight
@@ -143,6 +146,54 @@ def materialize_outside_blocks(model: nn.Module, blocks: list[nn.Module], source
             _read_parameter(model, name, name, source)
     if tied:  # reading replaced the embedding's parameter: tie the head to the real one
         model.get_output_embeddings().weight = model.get_input_embeddings().weight
+    return {name: (p, p._version) for name, p in model.named_parameters() if id(p) not in inside and not p.is_meta}
+
+
+def _replace_everywhere(model: nn.Module, old: nn.Parameter, new: nn.Parameter) -> int:
+    """Put ``new`` wherever ``old`` is a parameter of a module (tied weights have several owners)."""
+    n = 0
+    for module in model.modules():
+        for attr, p in list(module._parameters.items()):
+            if p is old:
+                module._parameters[attr] = new
+                n += 1
+    return n
+
+
+def park_unchanged(model: nn.Module, read: dict[str, tuple[nn.Parameter, int]]) -> dict[str, tuple[nn.Parameter, int]]:
+    """Drop the parameters outside the blocks that nothing has changed since they were read.
+
+    The calibration pipeline needs the embeddings only to build block 0's inputs; while the blocks
+    are processed, the parameters ``read`` (by :func:`materialize_outside_blocks`) that are still
+    in the model as read (same object, no in-place change) go back to the meta device.
+    :func:`unpark` reads them again. Returns name -> (the meta parameter standing in, its version).
+    """
+    parked = {}
+    current = dict(model.named_parameters())
+    for name, (param, version) in read.items():
+        if current.get(name) is param and param._version == version:
+            meta = nn.Parameter(torch.empty(param.shape, dtype=param.dtype, device="meta"), requires_grad=False)
+            _replace_everywhere(model, param, meta)
+            parked[name] = (meta, meta._version)
+    return parked
+
+
+def unpark(model: nn.Module, parked: dict[str, tuple[nn.Parameter, int]], source: WeightSource) -> None:
+    """Read the parameters :func:`park_unchanged` dropped again, wherever they are used."""
+    for name, (meta, version) in parked.items():
+        t = source.get(name)
+        if meta._version != version or not _replace_everywhere(model, meta, nn.Parameter(t, requires_grad=False)):
+            raise BitsmithError(f"internal error: {name} was changed while the blocks were processed, after it was dropped")
+
+
+def _libc():
+    try:
+        import ctypes
+        import ctypes.util
+
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
 
 
 def bound_heap_growth() -> None:
@@ -153,14 +204,25 @@ def bound_heap_growth() -> None:
     the process then grows by a Hessian or a weight copy per block although nothing stays alive.
     A fixed threshold (128 KiB) returns every large buffer to the system when it is freed.
     """
+    libc = _libc()
     try:
-        import ctypes
-        import ctypes.util
-
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         libc.mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
-    except (OSError, AttributeError):
+    except AttributeError:
         pass  # not glibc: its allocator has its own policy
+
+
+def trim_heap() -> None:
+    """Hand the free pages inside glibc's heaps back to the system.
+
+    Small allocations freed in bulk (the GGUF parser's objects, the tokenizer's output for the
+    calibration text, a block's Python objects) leave free pages between live ones that glibc
+    keeps otherwise; ``malloc_trim`` releases them (tens of MB after loading).
+    """
+    libc = _libc()
+    try:
+        libc.malloc_trim(0)
+    except AttributeError:
+        pass
 
 
 def release(module: nn.Module) -> None:

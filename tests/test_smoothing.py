@@ -20,7 +20,7 @@ STATIC8 = {"act_quant": {"spec": "int8:tensor:sym", "static": True}}
 
 
 @pytest.mark.parametrize("which", ["tiny_llama", "tiny_qwen2"])
-@pytest.mark.parametrize("step", [{"smoothquant": {"alpha": 0.5}}, {"osplus": {"threshold": 0.05}}])
+@pytest.mark.parametrize("step", [{"smoothquant": {"alpha": 0.5}}, {"osplus": {"threshold": 0.05, "shift": True}}])
 def test_smoothing_alone_keeps_the_float_function(which, step, request):
     folder, _ = request.getfixturevalue(which)
     tokens = _tokens()
@@ -32,10 +32,53 @@ def test_smoothing_alone_keeps_the_float_function(which, step, request):
     fresh = load_model(str(folder)).adapter.blocks()[0]
     assert not torch.allclose(block.input_layernorm.weight, fresh.input_layernorm.weight, rtol=1e-3)  # it really acted
     lin = lm.adapter.block_linears(block)
-    if "osplus" in step:  # shift: online after the norms, in v's bias for o, nothing for down
+    if "osplus" in step:  # shift: online after the norms and in down_proj (its scale in up's rows), in v's bias for o
         assert isinstance(lin["q"].input_transform, OnlineShift) and isinstance(lin["gate"].input_transform, OnlineShift)
-        assert lin["v"].bias is not None and lin["o"].bias is not None
-        assert getattr(lin["down"], "input_transform", None) is None
+        assert lin["v"].bias is not None and lin["o"].bias is not None and getattr(lin["o"], "input_transform", None) is None
+        assert isinstance(lin["down"].input_transform, OnlineShift) and lin["down"].bias is not None
+
+
+def test_pipeline_holds_the_down_shift_exactly(tiny_llama):
+    """OS+'s shift of the down_proj input runs online in down_proj while its scale goes into up_proj's rows:
+    the activations the pipeline already holds must change by the scale only, so every later input it
+    calibrates on is the transformed float model's (checked at each group's input ranges, a block later)."""
+    from dataclasses import dataclass
+
+    from bitsmith.registry import _STEPS, Step, register_step
+
+    @dataclass
+    class RangeSpy(Step):
+        transforms_inputs = True
+        seen = {}
+
+        def transform_inputs(self, ctx, block, roles, stats):
+            self.seen[(ctx.lm.adapter.blocks().index(block), tuple(roles))] = (stats.min.clone(), stats.max.clone())
+
+    spy = _STEPS.get("_range_spy") or register_step("_range_spy")(RangeSpy)
+    seen = spy.seen
+    seen.clear()
+    folder, _ = tiny_llama
+    lm = load_model(str(folder))
+    calib = _tokens(8, 32, seed=1)
+    run_steps(lm, [{"osplus": {"threshold": 0.05, "shift": True}}, {"_range_spy": {}}], calib)
+    assert isinstance(lm.adapter.block_linears(lm.adapter.blocks()[0])["down"].input_transform, OnlineShift)
+    caught, handles = {}, []
+    for b, block in enumerate(lm.adapter.blocks()):
+        for roles, role in ((("q", "k", "v"), "q"), (("o",), "o"), (("gate", "up"), "gate"), (("down",), "down")):
+            lin = lm.adapter.block_linears(block)[role]
+
+            def hook(m, args, key=(b, roles)):
+                caught[key] = m.transform_input(args[0]).reshape(-1, args[0].shape[-1])
+            handles.append(lin.register_forward_pre_hook(hook))
+    with torch.no_grad():
+        lm.model(input_ids=calib)
+    for h in handles:
+        h.remove()
+    assert set(seen) == set(caught) and len(seen) >= 8
+    for key, (lo, hi) in seen.items():
+        x = caught[key]
+        torch.testing.assert_close(lo, x.amin(0), rtol=1e-4, atol=1e-5, msg=str(key))
+        torch.testing.assert_close(hi, x.amax(0), rtol=1e-4, atol=1e-5, msg=str(key))
 
 
 def test_smoothing_keeps_the_default_model_function(default_lm):
@@ -46,7 +89,7 @@ def test_smoothing_keeps_the_default_model_function(default_lm):
     calib = default_lm.tokenizer(builtin_text("calib").text[:4000], return_tensors="pt").input_ids[:, :256].reshape(2, 128)
     ref = _logits(default_lm, ids)
     lm = copy.deepcopy(default_lm)
-    run_steps(lm, [{"smoothquant": {"alpha": 0.5}}, {"osplus": {"threshold": 0.1}}], calib)
+    run_steps(lm, [{"smoothquant": {"alpha": 0.5}}, {"osplus": {"threshold": 0.1, "shift": True}}], calib)
     assert _rel(_logits(lm, ids), ref) < 1e-5
 
 
@@ -105,7 +148,7 @@ def test_smoothing_scales_match_the_reference_formula(tiny_llama):
 
 def test_static_scales_save_and_reload_bit_identical(tiny_llama, tmp_path):
     folder, _ = tiny_llama
-    steps = [{"osplus": {}}, {"act_quant": {"spec": "int8:tensor:asym", "static": True}}, {"rtn": {"weights": "int8:channel"}}]
+    steps = [{"osplus": {"shift": True}}, {"act_quant": {"spec": "int8:tensor:asym", "static": True}}, {"rtn": {"weights": "int8:channel"}}]
     lm = load_model(str(folder))
     recipe = run_steps(lm, steps, _tokens(8, 32, seed=1))
     lm.quant = {"recipe": "t", "source": str(folder)}
@@ -148,12 +191,50 @@ def test_uncalibrated_static_linear_refuses_to_run():
         lin(torch.randn(2, 8))
 
 
+def _shift_problem(x, aspec, static):
+    from bitsmith.algorithms.smoothing import GroupProblem
+    from bitsmith.spec import QuantSpec
+
+    w = torch.randn(16, x.shape[1], generator=torch.Generator().manual_seed(3))
+    return GroupProblem(x, torch.ones(x.shape[0], dtype=torch.float64), x.double().amin(0), x.double().amax(0), [w],
+                        [None], QuantSpec.coerce(aspec), static)
+
+
+@pytest.mark.parametrize("case", ["one-token outlier, per-token grid", "offset channel, static grid"])
+def test_osplus_searches_the_shift(case):
+    """``shift: search`` keeps the paper's midpoint shift where it lowers the quantized output error and drops it
+    where it raises it, and its error is never above either forced choice (on the same problem)."""
+    from bitsmith.algorithms.osplus import OSPlus
+    from bitsmith.algorithms.smoothing import ChannelMap
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 8, generator=gen)
+    if case.startswith("one-token"):  # the first token is massive in channel 0: its midpoint moves every other token
+        x[0, 0] = 400.0
+        aspec, static, want_shift = "int4:token:asym", False, False
+    else:  # channel 0 sits far from zero in every token: centring it frees the shared static grid
+        x[:, 0] += 50.0
+        aspec, static, want_shift = "int4:tensor:sym", True, True
+    problem = _shift_problem(x, aspec, static)
+    cmap = ChannelMap(torch.arange(8), 8)
+
+    def err(shift):
+        z, s, label = OSPlus(shift=shift).choose(problem, cmap, None)
+        return problem.error(s, z), z, label
+
+    searched, z, label = err("search")
+    assert (z is not None) == want_shift and label["shift"] == want_shift
+    assert searched <= min(err(True)[0], err(False)[0])
+    assert err(True)[1] is not None and err(False)[1] is None
+
+
 @pytest.mark.parametrize("steps, message", [
     ([{"smoothquant": {"alpha": 1.5}}], "alpha must be a number in"),
     ([{"smoothquant": {"alpha": 0}}], "alpha must be a number in"),
     ([{"smoothquant": {"alpha": "best"}}], "alpha must be a number in"),
     ([{"smoothquant": {"layers": "some"}}], "layers must be one of"),
     ([{"osplus": {"threshold": 2.0}}], "threshold must be"),
+    ([{"osplus": {"shift": "yes"}}], "shift must be true, false or search"),
     ([{"act_quant": {"spec": "int8:token:asym", "static": True}}], "per-token scales are dynamic"),
     ([{"act_quant": {"spec": "int8:tensor:mse", "static": True}}], "drop ':mse'"),
 ])

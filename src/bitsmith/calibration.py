@@ -20,23 +20,13 @@ class InputChange:
     """A step changed what a linear's weight multiplies: ``x -> ((x - shift) * scale) @ matrix``.
 
     ``upstream`` says the change was folded into the layers producing ``x`` (so activations already
-    computed must be changed too); otherwise it runs online inside the linear. ``online_shift``: the
-    scale (and matrix) went upstream but the shift runs online inside the linear (OS+'s shift of the
-    down_proj input, which ``act(gate) * up`` cannot absorb), so activations already computed change by
-    :meth:`produced` only, while what the weight multiplies changes by all of it.
+    computed must be changed too); otherwise it runs online inside the linear.
     """
 
     shift: torch.Tensor | None = None
     scale: torch.Tensor | None = None
     matrix: torch.Tensor | None = None
     upstream: bool = False
-    online_shift: bool = False
-
-    def produced(self) -> "InputChange":
-        """The part of the change made by the layers producing ``x`` (all of it unless ``online_shift``)."""
-        if not self.online_shift:
-            return self
-        return InputChange(scale=self.scale, matrix=self.matrix, upstream=self.upstream)
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         if self.shift is not None:

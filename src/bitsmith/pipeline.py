@@ -192,9 +192,8 @@ def _transform(ctx: Context | None, steps: list[Step], block: nn.Module, roles: 
             raise BitsmithError(f"step {step.name!r} folded a change into the layer before {roles[0]}, whose input has an "
                                 "online transform in between; put that step before the rotation step in the recipe")
         if change.upstream and inner is not None:
-            made = change.produced()  # an online shift runs inside the linear, after these activations
             for i, a in enumerate(inner):
-                inner[i] = made.apply(a)
+                inner[i] = change.apply(a)
     return stats
 
 

@@ -15,14 +15,11 @@ down to the smallest (every channel equalised), then refined between the best on
 
 Where the shift goes (see :mod:`bitsmith.algorithms.smoothing`): into the ``v_proj`` bias for the
 o_proj input (attention rows sum to one, so a constant shift of the values shifts the output);
-online inside each reading linear after an RMSNorm (which has no bias); and online inside
-``down_proj`` for its input ``act(gate) * up``, whose scale ``1/s`` goes into ``up_proj``'s rows (the
-product is linear in ``up``) while ``z / s`` is subtracted in front of the activation quantizer (a
-kernel fuses it into the quantizer's zero point) and ``W z`` joins ``down_proj``'s bias. That input
-carries the model's massive activations (up to about 3000 on a sequence's first token in block 11),
-all of one sign: shifting halves such a channel's half-range, so half the scale moves into the weight
-column for the same threshold. ``shift: false`` turns shifting off everywhere (scaling alone, on
-``max|x|``). Recipe order: ``osplus``, then ``act_quant`` and ``rtn`` (whose grids the search uses).
+online inside each reading linear after an RMSNorm (which has no bias); and nowhere for the
+down_proj input, ``act(gate) * up``, where it could only run online in ``down_proj`` in front of a
+scale already folded into ``up_proj`` (one input change cannot say both), so down gets the scale
+only. ``shift: false`` turns shifting off everywhere (scaling alone, on ``max|x|``). Recipe order:
+``osplus``, then ``act_quant`` and ``rtn`` (whose grids the search uses).
 
 ``shift: search`` (the default) decides the shift per group by the same objective: the threshold search
 runs with the paper's shift ``z`` and with none (``z = 0``, ``r_j = max|x_j|``), and the lower quantized
@@ -77,7 +74,7 @@ class OSPlus(ChannelSmoothing):
 
     def choose(self, problem: GroupProblem, cmap: ChannelMap, closing):
         lo, hi = cmap.reduce(problem.lo, "amin"), cmap.reduce(problem.hi, "amax")
-        shifts = [False] if self.shift is False else [True] if self.shift is True else [True, False]
+        shifts = [False] if self.shift is False or closing == "down" else [True] if self.shift is True else [True, False]
         best = None
         for shifted in shifts:
             if shifted:

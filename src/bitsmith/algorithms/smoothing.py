@@ -11,14 +11,12 @@ group           ``1/s`` folded into                    shift ``z`` (OS+)
 q, k, v         ``input_layernorm`` weight             online in each linear (:class:`OnlineShift`)
 gate, up        ``post_attention_layernorm`` weight    online in each linear (:class:`OnlineShift`)
 o               ``v_proj`` rows (per kv head, GQA)     ``v_proj`` bias: softmax rows sum to one
-down            ``up_proj`` rows (act(gate)*up)        online in down_proj (:class:`OnlineShift`)
+down            ``up_proj`` rows (act(gate)*up)        none: act(gate)*up - z is not linear in up
 ==============  =====================================  =========================================
 
 An RMSNorm has no bias, so a shift after it runs as a per-channel subtraction inside the linear
-(a kernel fuses it into the activation quantizer's zero point); so does the down_proj input's, as
-``act(gate) * up - z`` is not linear in ``up`` (the scale still goes into ``up``'s rows: the pipeline's
-held activations change by the scale only, :attr:`InputChange.online_shift`). For o, a kv channel feeds
-the same channel of every query head of its group, so ``s`` and ``z`` are shared by those heads.
+(a kernel fuses it into the activation quantizer's zero point). For o, a kv channel feeds the
+same channel of every query head of its group, so ``s`` and ``z`` are shared by those heads.
 
 The searches (SmoothQuant's alpha, OS+'s outlier threshold, the clipping of static activation
 scales) minimise the quantized layer's *output* error, which depends on how the rows are
@@ -404,6 +402,8 @@ class ChannelSmoothing(Step):
                                specs, getattr(first, "act_spec", None), bool(getattr(first, "act_static", False)))
         cmap = ChannelMap.for_group(ad, roles, x.shape[1])
         z_src, s_src, label = self.choose(problem, cmap, closing)
+        if closing == "down" and z_src is not None:
+            raise BitsmithError(f"internal error: {self.name} chose a shift for the down_proj input, which cannot be folded")
         s, z = cmap.expand(s_src), None if z_src is None else cmap.expand(z_src)
 
         for role in roles:  # the readers: W -> W diag(s), b -> b + W z
@@ -412,19 +412,14 @@ class ChannelSmoothing(Step):
             if z is not None:
                 _set_bias(lin, w @ z if lin.bias is None else lin.bias.detach().double() + w @ z)
             self._set_weight(lin, role, w * s)
-        online_shift = False
-        if closing:  # the producer: rows of v / up divided by s; z into v's bias (o), online in down_proj (down)
-            into_bias = z_src is not None and closing == "o"
-            prod = _as_quant_linear(ad, block, feeder) if into_bias else linears[feeder]
+        if closing:  # the producer: rows of v / up divided by s, shifted by z (v only)
+            prod = linears[feeder] if z_src is None else _as_quant_linear(ad, block, feeder)
             self._set_weight(prod, feeder, weights[feeder].double() / s_src[:, None])
             bias = getattr(prod, "bias", None)
-            if into_bias:
+            if z_src is not None:
                 _set_bias(prod, ((0.0 if bias is None else bias.detach().double()) - z_src) / s_src)
             elif bias is not None:
                 _assign(prod, "bias", bias.detach().double() / s_src)
-            if z is not None and not into_bias:
-                ad.block_linears(block)[closing].input_transform = OnlineShift(z / s)
-                online_shift = True
         else:  # the branch norm's scale absorbs 1/s; the shift runs online in each reader
             norm = next(sub.norm for sub in ad.sublayers(block) if tuple(sub.inputs) == roles)
             if getattr(norm, "bias", None) is not None:
@@ -434,7 +429,7 @@ class ChannelSmoothing(Step):
                 for role in roles:
                     ad.block_linears(block)[role].input_transform = OnlineShift(z / s)
 
-        change = InputChange(shift=z, scale=1.0 / s, upstream=True, online_shift=online_shift)
+        change = InputChange(shift=z, scale=1.0 / s, upstream=True)
         InputTap.for_block(ctx, block).update(roles, change)
         self.choices.append({"block": ad.blocks().index(block), "roles": "/".join(roles), "choice": label})
         return change

@@ -20,7 +20,7 @@ STATIC8 = {"act_quant": {"spec": "int8:tensor:sym", "static": True}}
 
 
 @pytest.mark.parametrize("which", ["tiny_llama", "tiny_qwen2"])
-@pytest.mark.parametrize("step", [{"smoothquant": {"alpha": 0.5}}, {"osplus": {"threshold": 0.05, "shift": True}}])
+@pytest.mark.parametrize("step", [{"smoothquant": {"alpha": 0.5}}, {"osplus": {"threshold": 0.05}}])
 def test_smoothing_alone_keeps_the_float_function(which, step, request):
     folder, _ = request.getfixturevalue(which)
     tokens = _tokens()
@@ -46,7 +46,7 @@ def test_smoothing_keeps_the_default_model_function(default_lm):
     calib = default_lm.tokenizer(builtin_text("calib").text[:4000], return_tensors="pt").input_ids[:, :256].reshape(2, 128)
     ref = _logits(default_lm, ids)
     lm = copy.deepcopy(default_lm)
-    run_steps(lm, [{"smoothquant": {"alpha": 0.5}}, {"osplus": {"threshold": 0.1, "shift": True}}], calib)
+    run_steps(lm, [{"smoothquant": {"alpha": 0.5}}, {"osplus": {"threshold": 0.1}}], calib)
     assert _rel(_logits(lm, ids), ref) < 1e-5
 
 
@@ -105,7 +105,7 @@ def test_smoothing_scales_match_the_reference_formula(tiny_llama):
 
 def test_static_scales_save_and_reload_bit_identical(tiny_llama, tmp_path):
     folder, _ = tiny_llama
-    steps = [{"osplus": {"shift": True}}, {"act_quant": {"spec": "int8:tensor:asym", "static": True}}, {"rtn": {"weights": "int8:channel"}}]
+    steps = [{"osplus": {}}, {"act_quant": {"spec": "int8:tensor:asym", "static": True}}, {"rtn": {"weights": "int8:channel"}}]
     lm = load_model(str(folder))
     recipe = run_steps(lm, steps, _tokens(8, 32, seed=1))
     lm.quant = {"recipe": "t", "source": str(folder)}

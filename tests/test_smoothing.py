@@ -148,12 +148,51 @@ def test_uncalibrated_static_linear_refuses_to_run():
         lin(torch.randn(2, 8))
 
 
+def _shift_problem(x, aspec, static):
+    from bitsmith.algorithms.smoothing import GroupProblem
+    from bitsmith.spec import QuantSpec
+
+    w = torch.randn(16, x.shape[1], generator=torch.Generator().manual_seed(3))
+    return GroupProblem(x, torch.ones(x.shape[0], dtype=torch.float64), x.double().amin(0), x.double().amax(0), [w],
+                        [None], QuantSpec.coerce(aspec), static)
+
+
+@pytest.mark.parametrize("case", ["one-token outlier, per-token grid", "offset channel, static grid"])
+def test_osplus_searches_the_shift(case):
+    """``shift: search`` keeps the paper's midpoint shift where it lowers the quantized output error and drops it
+    where it raises it, and its error is never above either forced choice (on the same problem)."""
+    from bitsmith.algorithms.osplus import OSPlus
+    from bitsmith.algorithms.smoothing import ChannelMap
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 8, generator=gen)
+    if case.startswith("one-token"):  # the first token is massive in channel 0: its midpoint moves every other token
+        x[0, 0] = 400.0
+        aspec, static, want_shift = "int4:token:asym", False, False
+    else:  # channel 0 sits far from zero in every token: centring it frees the shared static grid
+        x[:, 0] += 50.0
+        aspec, static, want_shift = "int4:tensor:sym", True, True
+    problem = _shift_problem(x, aspec, static)
+    cmap = ChannelMap(torch.arange(8), 8)
+
+    def err(shift):
+        z, s, label = OSPlus(shift=shift).choose(problem, cmap, None)
+        return problem.error(s, z), z, label
+
+    searched, z, label = err("search")
+    assert (z is not None) == want_shift and label["shift"] == want_shift
+    assert searched <= min(err(True)[0], err(False)[0])
+    assert err(True)[1] is not None and err(False)[1] is None
+    assert OSPlus(shift="search").choose(problem, cmap, "down")[0] is None  # down's input cannot take a shift
+
+
 @pytest.mark.parametrize("steps, message", [
     ([{"smoothquant": {"alpha": 1.5}}], "alpha must be a number in"),
     ([{"smoothquant": {"alpha": 0}}], "alpha must be a number in"),
     ([{"smoothquant": {"alpha": "best"}}], "alpha must be a number in"),
     ([{"smoothquant": {"layers": "some"}}], "layers must be one of"),
     ([{"osplus": {"threshold": 2.0}}], "threshold must be"),
+    ([{"osplus": {"shift": "yes"}}], "shift must be true, false or search"),
     ([{"act_quant": {"spec": "int8:token:asym", "static": True}}], "per-token scales are dynamic"),
     ([{"act_quant": {"spec": "int8:tensor:mse", "static": True}}], "drop ':mse'"),
 ])

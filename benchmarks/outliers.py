@@ -60,13 +60,19 @@ def applies(setting: str, method: str) -> bool:
     return method in ("smoothquant", "osplus")
 
 
+def _weight_specs(raw: dict) -> set[str]:
+    return {args["weights"] for step in raw["steps"] for args in step.values()
+            if isinstance(args, dict) and "weights" in args}
+
+
 def recipe(setting: str, method: str, samples: int, seq: int) -> dict:
     from bitsmith.recipes import builtin_names, load_recipe
 
     weights, act = SETTINGS[setting]
     acts = [] if act is None else [{"act_quant": act}]
-    if method != "rtn" and f"{method}-{setting}" in builtin_names():
-        rec = dict(load_recipe(f"{method}-{setting}").raw)
+    builtin = f"{method}-{setting}"
+    if method != "rtn" and builtin in builtin_names() and _weight_specs(load_recipe(builtin).raw) == {weights}:
+        rec = dict(load_recipe(builtin).raw)  # a built-in recipe only where it uses the setting's exact grid
     elif method == "rtn":
         rec = {"steps": acts + [{"rtn": {"weights": weights}}]}
     elif method == "crossquant":  # symmetric by construction (steps from absolute maxima)

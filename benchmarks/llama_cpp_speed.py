@@ -25,7 +25,7 @@ def speed(path: Path, prompt: list[int], decode: int, reps: int, threads: int) -
     llm = llama_cpp.Llama(model_path=str(path), n_ctx=len(prompt) + decode + 8, n_batch=len(prompt),
                           n_threads=threads, n_threads_batch=threads, verbose=False)
     best_p = best_d = float("inf")
-    for _ in range(reps + 1):  # the first round warms up
+    for rep in range(reps + 1):  # round 0 warms up
         llm.reset()
         t = time.perf_counter()
         llm.eval(prompt)
@@ -34,7 +34,7 @@ def speed(path: Path, prompt: list[int], decode: int, reps: int, threads: int) -
         for tok in prompt[:decode]:  # fixed tokens: the same work in every file
             llm.eval([tok])
         d = time.perf_counter() - t
-        if _ > 0:
+        if rep:
             best_p, best_d = min(best_p, p), min(best_d, d)
     del llm
     return len(prompt) / best_p, decode / best_d

@@ -7,6 +7,7 @@ checkpoint (safetensors byte ranges, or a memory-mapped GGUF file), and once it 
 
 from __future__ import annotations
 
+import functools
 import json
 import struct
 from pathlib import Path
@@ -186,7 +187,9 @@ def unpark(model: nn.Module, parked: dict[str, tuple[nn.Parameter, int]], source
             raise BitsmithError(f"internal error: {name} was changed while the blocks were processed, after it was dropped")
 
 
+@functools.lru_cache(maxsize=1)
 def _libc():
+    """The C library, loaded once (``trim_heap`` runs after every block); None where it cannot be loaded."""
     try:
         import ctypes
         import ctypes.util

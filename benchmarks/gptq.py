@@ -19,12 +19,18 @@ import subprocess
 import sys
 from pathlib import Path
 
+# Peak memory is the row process's own VmHWM (peak resident set of its address space, new at exec),
+# not getrusage's ru_maxrss: Linux carries the parent's resident size at fork into the child's
+# ru_maxrss, so after this script has evaluated the float model every row would read at least that.
 ROW = r"""
-import json, resource, sys, time, tempfile
+import json, sys, time, tempfile
 import torch
 import bitsmith
 from bitsmith.recipes import load_recipe
 torch.set_grad_enabled(False)
+def peak_mb():
+    with open("/proc/self/status") as f:
+        return next(int(l.split()[1]) for l in f if l.startswith("VmHWM:")) / 1024
 kind, setting, samples, seq, ewin, eseq = sys.argv[1:7]
 rec = load_recipe(f"gptq-{setting}").raw
 rec = {**rec, "calibration": {"samples": int(samples), "seq": int(seq)}}
@@ -35,13 +41,13 @@ if kind == "stream":
     t0 = time.perf_counter()
     bitsmith.quantize("default", rec, out=out, progress=False, stream=True)
     seconds = time.perf_counter() - t0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = peak_mb()
     report = bitsmith.evaluate(out, seq=int(eseq), windows=int(ewin), progress=False)
     report["quantize_seconds"] = seconds
 else:
     lm = bitsmith.quantize("default", rec, progress=False)
     report = bitsmith.evaluate(lm, seq=int(eseq), windows=int(ewin), progress=False)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = peak_mb()
 report["peak_mb"] = peak
 report["recipe"] = (rec["name"] + (" --stream" if kind == "stream" else ""))
 print("ROW " + json.dumps(report))

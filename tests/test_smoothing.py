@@ -206,8 +206,8 @@ def test_wrong_step_order_is_explained(tiny_llama):
     folder, _ = tiny_llama
     with pytest.raises(BitsmithError, match="put smoothquant before the weight step"):
         run_steps(load_model(str(folder)), [{"rtn": {"weights": "int8:channel"}}, {"smoothquant": {}}], _tokens(4, 16))
-    with pytest.raises(BitsmithError, match="solved by a calibrated step"):
-        run_steps(load_model(str(folder)), [{"smoothquant": {}}, {"gptq": {"weights": "int4:channel"}}], _tokens(4, 16))
+    with pytest.raises(BitsmithError, match="solved by a calibrated step"):  # one scale for all rows: no fold
+        run_steps(load_model(str(folder)), [{"smoothquant": {}}, {"gptq": {"weights": "int8:tensor"}}], _tokens(4, 16))
     run_steps(load_model(str(folder)), [{"smoothquant": {"layers": "norms"}}, {"gptq": {"weights": "int4:channel"}}], _tokens(4, 16))
     with pytest.raises(BitsmithError, match="after smoothquant"):
         run_steps(load_model(str(folder)), [STATIC8, {"smoothquant": {}}], _tokens(4, 16))
@@ -272,3 +272,38 @@ def test_smoothing_beats_rtn_on_real_inputs(three_blocks, setting, monkeypatch):
         assert sq < 0.8 * rtn, (rtn, sq, osp)
     else:
         assert osp <= sq, (rtn, sq, osp)
+
+
+@pytest.mark.parametrize("spec", ["int8:channel:sym", "int4:g16:asym:mse", "fp8:channel"])
+def test_scale_rows_keeps_codes_and_scales_each_row(spec):
+    from bitsmith.runtime.qweight import PackedWeight
+    from bitsmith.spec import QuantSpec
+
+    gen = torch.Generator().manual_seed(3)
+    w = torch.randn(12, 64, generator=gen)
+    f = torch.rand(12, generator=gen, dtype=torch.float64) * 4 + 0.25
+    p = PackedWeight.quantize(w, QuantSpec.coerce(spec))
+    q = p.scale_rows(f)
+    assert all(torch.equal(q.data[k], p.data[k]) for k in p.data if k != "qscale")
+    assert torch.allclose(q.dequantize(), p.dequantize() * f[:, None].float(), rtol=2e-3, atol=1e-6)
+    for other in ("int8:tensor:sym", "int4:ic:sym"):
+        with pytest.raises(ValueError, match="no per-row scales"):
+            PackedWeight.quantize(w, QuantSpec.coerce(other)).scale_rows(f)
+
+
+@pytest.mark.parametrize("step", [{"smoothquant": {"alpha": 0.5}}, {"osplus": {"threshold": 0.05}}])
+def test_fold_into_a_gptq_solved_producer_keeps_its_solution(tiny_llama, step):
+    """o's and down's input scales fold into v and up after GPTQ solved them: the rows' scales take 1/s, so
+    the smoothed GPTQ model stays as close to float as the smoothed RTN one (a fold into the wrong place, or
+    none, would leave o/down multiplied by s with nothing undoing it)."""
+    folder, _ = tiny_llama
+    tokens, calib = _tokens(), _tokens(8, 32, seed=1)
+    ref = _logits(load_model(str(folder)), tokens)
+    errs = {}
+    for solver in ("gptq", "rtn"):
+        lm = load_model(str(folder))
+        run_steps(lm, [step, {solver: {"weights": "int8:channel:sym"}}], calib)
+        errs[solver] = _rel(_logits(lm, tokens), ref)
+        lin = lm.adapter.block_linears(lm.adapter.blocks()[0])
+        assert lin["v"].packed is not None and lin["up"].packed is not None
+    assert errs["gptq"] < 2 * errs["rtn"] and errs["gptq"] < 0.02, errs

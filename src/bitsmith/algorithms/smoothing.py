@@ -32,7 +32,12 @@ telling the tap is caught instead of searched on stale rows.
 
 Weights: a data-free ``rtn`` step after the smoothing step rounds each block before its
 calibration; the smoothing step keeps the float weights, searches with each linear's grid and
-re-rounds the smoothed weights on it (see :class:`ChannelSmoothing`).
+re-rounds the smoothed weights on it (see :class:`ChannelSmoothing`). A calibrated solver (``gptq``)
+after the smoothing step solves each group after its input was smoothed; ``v_proj`` and ``up_proj``
+are solved before o's and down's scales reach them, and take those scales in their per-row
+quantization scales with their codes unchanged (GPTQ is equivariant to scaling a row, so it would
+have chosen the same codes); weights with one scale across rows (per tensor, per IC, GGUF blocks)
+cannot, and are refused with ``layers: norms`` as the way out.
 """
 
 from __future__ import annotations
@@ -352,16 +357,20 @@ class ChannelSmoothing(Step):
         InputTap.close(ctx)
         self._float = {}
 
-    def _weight(self, linear: nn.Module, role: str, why: str) -> torch.Tensor:
-        """The float weight of ``role`` (kept from before a data-free quantizer rounded it)."""
+    def _weight(self, linear: nn.Module, role: str, why: str, producer: bool = False) -> torch.Tensor | None:
+        """The float weight of ``role`` (kept from before a data-free quantizer rounded it); None for a
+        ``producer`` (v, up) that a calibrated step already solved with per-row scales, whose rows take
+        the fold in their scales (:meth:`PackedWeight.scale_rows`)."""
         if getattr(linear, "packed", None) is None:
             return linear.weight.detach()
         if role not in self._float:
             raise BitsmithError(f"{self.name}: {role} was quantized before {self.name} could keep its float weights; "
                                 f"put {self.name} before the weight step (rtn) in the recipe")
         if role not in self._rounded_first:
-            raise BitsmithError(f"{self.name}: {role} was solved by a calibrated step (e.g. gptq) before {why}; "
-                                f"use layers: norms with a solver after {self.name}")
+            if producer and linear.packed.rows_rescalable():
+                return None
+            raise BitsmithError(f"{self.name}: {role} was solved by a calibrated step (e.g. gptq) with '{linear.packed.spec}' "
+                                f"weights before {why}; use per-channel or per-group weights, or layers: norms")
         return self._float[role]
 
     def _set_weight(self, linear: nn.Module, role: str, w: torch.Tensor) -> None:
@@ -394,7 +403,9 @@ class ChannelSmoothing(Step):
         feeder = FEEDS[closing] if closing else None
         self._check(ad, block, roles)
         why = "its input was smoothed" if not closing else f"the {closing} input's scale could be folded into it"
-        weights = {r: self._weight(linears[r], r, why) for r in roles + ((feeder,) if feeder else ())}
+        weights = {r: self._weight(linears[r], r, why) for r in roles}
+        if feeder:
+            weights[feeder] = self._weight(linears[feeder], feeder, why, producer=True)
         first = linears[roles[0]]
         x, row_weight = InputTap.for_block(ctx, block).samples(roles, stats, first, self.name)
         specs = [None if getattr(linears[r], "packed", None) is None else linears[r].packed.spec for r in roles]
@@ -414,7 +425,10 @@ class ChannelSmoothing(Step):
             self._set_weight(lin, role, w * s)
         if closing:  # the producer: rows of v / up divided by s, shifted by z (v only)
             prod = linears[feeder] if z_src is None else _as_quant_linear(ad, block, feeder)
-            self._set_weight(prod, feeder, weights[feeder].double() / s_src[:, None])
+            if weights[feeder] is None:  # solved already: same codes, row scales divided by s
+                prod.set_packed(prod.packed.scale_rows(1.0 / s_src))
+            else:
+                self._set_weight(prod, feeder, weights[feeder].double() / s_src[:, None])
             bias = getattr(prod, "bias", None)
             if z_src is not None:
                 _set_bias(prod, ((0.0 if bias is None else bias.detach().double()) - z_src) / s_src)

@@ -63,6 +63,24 @@ class PackedWeight:
     def tensors(self) -> dict[str, torch.Tensor]:
         return dict(self.data)
 
+    def rows_rescalable(self) -> bool:
+        """Whether each output row has scales of its own (per channel or per group, not per IC)."""
+        q = self.data.get("qscale")
+        transposed = oriented(self.spec, self.shape)[2]
+        return (q is not None and not transposed and self.spec.granularity in ("channel", "group")
+                and q.shape[0] == self.shape[0])
+
+    def scale_rows(self, factor: torch.Tensor) -> "PackedWeight":
+        """The same codes with row ``i``'s scales times ``factor[i]``: ``diag(factor) W`` up to the fp16 scales.
+
+        A per-row factor folded into a weight that a calibrated solver (GPTQ) already chose keeps its
+        solution: the solver is equivariant to row scaling, so it would have picked the same codes."""
+        if not self.rows_rescalable():
+            raise ValueError(f"'{self.spec}' weights have no per-row scales to rescale")
+        q = self.data["qscale"]
+        f = factor.to(torch.float64).reshape(-1, *([1] * (q.dim() - 1)))
+        return PackedWeight(self.spec, self.shape, {**self.data, "qscale": (q.double() * f).to(q.dtype)})
+
     @classmethod
     def from_tensors(cls, spec: QuantSpec, shape: tuple[int, int], t: dict[str, torch.Tensor]) -> "PackedWeight":
         """Rebuild from stored tensors (extra entries such as ``bias`` are ignored; missing ones raise KeyError)."""

@@ -103,6 +103,7 @@ class CBQ(Reconstruction):
     rank: int = 8
     truncate_weights: bool = False
     scale_activations: bool = True
+    block_targets: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -110,10 +111,13 @@ class CBQ(Reconstruction):
             v = getattr(self, key)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise BitsmithError(f"cbq: {key} {v!r} must be a positive integer")
-        for key in ("truncate_weights", "scale_activations"):
+        for key in ("truncate_weights", "scale_activations", "block_targets"):
             if not isinstance(getattr(self, key), bool):
                 raise BitsmithError(f"cbq: {key} must be true or false, got {getattr(self, key)!r}")
         self.scaled_channels = 0
+
+    def window_targets(self, targets: list[torch.Tensor]) -> torch.Tensor | list[torch.Tensor]:
+        return targets if self.block_targets else targets[-1]
 
     def make_quantizer(self, weight: torch.Tensor, gen: torch.Generator) -> LearnedQuantizer:
         w = truncate_outliers(weight) if self.truncate_weights else weight

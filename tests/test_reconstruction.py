@@ -120,12 +120,23 @@ def test_lrq_learns_far_fewer_parameters_than_flexround():
     assert low.learned_parameters() == 4 * (96 + 128) + 96 + 128 + 96
 
 
+def test_lrq_lora_init_starts_U_small_and_L_at_zero():
+    w = torch.randn(48, 400)
+    spec = QuantSpec.parse("int4:channel:asym")
+    lora = LRQQuantizer(w, spec, 16, torch.Generator().manual_seed(0))
+    normal = LRQQuantizer(w, spec, 16, torch.Generator().manual_seed(0), init="normal")
+    assert torch.equal(lora.L, torch.zeros(48, 16)) and torch.equal(normal.L, torch.zeros(48, 16))
+    assert lora.U.abs().max() <= 400**-0.5 and lora.U.std() > 0.5 * (3 * 400) ** -0.5
+    assert float(normal.U.std()) == pytest.approx(16**-0.5, rel=0.1)
+
+
 @pytest.mark.parametrize("steps, message", [
     ([{"lrq": {"weights": "int4:channel:asym", "rank": 0}}], "rank"),
     ([{"flexround": {"weights": "fp4:channel"}}], "integer grids"),
     ([{"lrq": {"weights": "int4:ic"}}], "per ic"),
     ([{"cbq": {"weights": "int4:channel:asym", "window": 0}}], "window"),
     ([{"cbq": {"weights": "int4:channel:asym", "block_targets": "yes"}}], "block_targets"),
+    ([{"lrq": {"weights": "int4:channel:asym", "init": "zeros"}}], "init"),
     ([{"flexround": {"weights": "int4:channel:asym", "iters": -1}}], "iters"),
 ])
 def test_bad_arguments_fail_at_parse_time(steps, message):

@@ -56,13 +56,26 @@ def check_spec(spec: QuantSpec, method: str) -> QuantSpec:
     return spec
 
 
-def low_rank_pair(shape: tuple[int, int], rank: int, gen: torch.Generator, method: str) -> tuple[nn.Parameter, nn.Parameter]:
+def low_rank_pair(shape: tuple[int, int], rank: int, gen: torch.Generator, method: str,
+                  init: str = "normal") -> tuple[nn.Parameter, nn.Parameter]:
     """Factors ``(left, right)`` of a rank-``rank`` learned ``(rows, cols)`` matrix that starts at zero:
-    ``left`` is zero and ``right`` random (scaled by ``1/sqrt(rank)``), so gradients reach both from step one."""
+    ``left`` is zero and ``right`` random, so gradients reach both from step one.
+
+    ``init``: ``"normal"``, ``right`` of variance ``1/rank`` (Adam's first steps on ``left`` move the
+    product by about the learning rate, but inside the fixed random row space of ``right``);
+    ``"lora"``, ``right`` uniform in ``(-1/sqrt(cols), 1/sqrt(cols))`` as LoRA initialises its
+    down-projection (PyTorch's default for a linear layer): small, so Adam reshapes ``right`` within
+    the first steps and the pair learns its own row space."""
     rows, cols = shape
     if rank > min(rows, cols):
         raise BitsmithError(f"{method}: rank {rank} is larger than the {rows}x{cols} weight allows (at most {min(rows, cols)})")
-    return nn.Parameter(torch.zeros(rows, rank)), nn.Parameter(torch.randn(rank, cols, generator=gen) / rank**0.5)
+    if init == "lora":
+        right = (torch.rand(rank, cols, generator=gen) * 2 - 1) / cols**0.5
+    elif init == "normal":
+        right = torch.randn(rank, cols, generator=gen) / rank**0.5
+    else:
+        raise BitsmithError(f"{method}: init {init!r} must be 'normal' or 'lora'")
+    return nn.Parameter(torch.zeros(rows, rank)), nn.Parameter(right)
 
 
 class LearnedQuantizer(nn.Module):

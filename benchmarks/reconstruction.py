@@ -1,6 +1,6 @@
 """Learned rounding by block reconstruction on the default model: RTN vs GPTQ vs FlexRound, LRQ, CBQ.
 
-    python benchmarks/reconstruction.py [--settings w4a16,w3a16-g64,w4a8] [--methods rtn,gptq,flexround,lrq,cbq]
+    python benchmarks/reconstruction.py [--settings w4a16,w3a16-g64,w4a8] [--methods rtn,gptq,flexround,lrq,cbq,cbq-single]
                                         [--threads 1] [--tasks piqa,arc_easy --limit 100] [--fresh]
 
 Settings (every block linear; lm_head, embeddings and KV cache float):
@@ -12,7 +12,9 @@ Settings (every block linear; lm_head, embeddings and KV cache float):
 Grids are min-max, not MSE-clipped: MSE clipping cuts the default model's "super weights" and
 doubles RTN's perplexity at 4 bits, and the learned methods start from RTN's grid. The learned rows use
 the built-in recipes ``<method>-<setting>`` (their budgets are in the recipes); RTN and GPTQ quantize to
-exactly the same grids, GPTQ with the same calibration windows (act-order). Each row runs in its own
+exactly the same grids, GPTQ with the same calibration windows (act-order). ``cbq-single`` is the
+ablation of CBQ's cross-block window: the ``cbq-<setting>`` recipe with ``window: 1`` and its
+``iters`` multiplied by the window (equal steps per block and equal compute; see :func:`single_block`). Each row runs in its own
 process; rows are written to ``benchmarks/results/reconstruction.json`` as they finish and a rerun
 skips the rows already there (``--fresh`` starts over).
 """
@@ -42,11 +44,28 @@ def recipe(setting: str, method: str) -> dict | None:
     acts = [] if act is None else [{"act_quant": act}]
     if method in ("rtn", "gptq"):
         rec = {"steps": acts + [{method: {"weights": weights}}], "calibration": dict(CALIB)}
+    elif method == "cbq-single" and f"cbq-{setting}" in builtin_names():
+        # the ablation: CBQ's own machinery with windows of one block, at the same compute
+        rec = single_block(load_recipe(f"cbq-{setting}").raw)
     elif f"{method}-{setting}" in builtin_names():
         rec = dict(load_recipe(f"{method}-{setting}").raw)
     else:
         return None
     rec["name"] = f"{method}-{setting}"
+    return rec
+
+
+def single_block(raw: dict) -> dict:
+    """A CBQ recipe with ``window: 1`` and ``iters`` multiplied by the window, so every block gets the
+    same number of Adam steps and the run the same number of block forward/backward passes (within
+    one window's worth: 30 windows of 1 block x 2k steps against 29 windows of 2 blocks x k steps)."""
+    rec = {**raw, "steps": []}
+    for step in raw["steps"]:
+        (name, args), = step.items()
+        if name == "cbq":
+            args = {**args, "iters": args.get("iters", 100) * args.get("window", 2), "window": 1}
+            rec["description"] = f"ablation of {raw['name']}: windows of one block, {args['iters']} Adam steps per block"
+        rec["steps"].append({name: args})
     return rec
 
 

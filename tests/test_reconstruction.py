@@ -23,6 +23,7 @@ from bitsmith.algorithms.reconstruction import (
 )
 from bitsmith.errors import BitsmithError
 from bitsmith.models import load_model
+from bitsmith.pipeline import capture_block_inputs
 from bitsmith.recipes import load_recipe
 from bitsmith.runtime.modules import QuantLinear
 from bitsmith.runtime.qweight import PackedWeight
@@ -119,11 +120,24 @@ def test_lrq_learns_far_fewer_parameters_than_flexround():
     assert low.learned_parameters() == 4 * (96 + 128) + 96 + 128 + 96
 
 
+def test_lrq_lora_init_starts_U_small_and_L_at_zero():
+    w = torch.randn(48, 400)
+    spec = QuantSpec.parse("int4:channel:asym")
+    lora = LRQQuantizer(w, spec, 16, torch.Generator().manual_seed(0))
+    normal = LRQQuantizer(w, spec, 16, torch.Generator().manual_seed(0), init="normal")
+    assert torch.equal(lora.L, torch.zeros(48, 16)) and torch.equal(normal.L, torch.zeros(48, 16))
+    u_lora, u_normal = lora.U.detach(), normal.U.detach()
+    assert float(u_lora.abs().max()) <= 400**-0.5 and float(u_lora.std()) > 0.5 * (3 * 400) ** -0.5
+    assert float(u_normal.std()) == pytest.approx(16**-0.5, rel=0.1)
+
+
 @pytest.mark.parametrize("steps, message", [
     ([{"lrq": {"weights": "int4:channel:asym", "rank": 0}}], "rank"),
     ([{"flexround": {"weights": "fp4:channel"}}], "integer grids"),
     ([{"lrq": {"weights": "int4:ic"}}], "per ic"),
     ([{"cbq": {"weights": "int4:channel:asym", "window": 0}}], "window"),
+    ([{"cbq": {"weights": "int4:channel:asym", "block_targets": "yes"}}], "block_targets"),
+    ([{"lrq": {"weights": "int4:channel:asym", "init": "zeros"}}], "init"),
     ([{"flexround": {"weights": "int4:channel:asym", "iters": -1}}], "iters"),
 ])
 def test_bad_arguments_fail_at_parse_time(steps, message):
@@ -180,6 +194,46 @@ def test_pipeline_learns_lower_block_error_than_rtn_and_is_deterministic(tiny_ll
     for m in runs[0].model.modules():
         if isinstance(m, QuantLinear):
             assert m.packed is not None and str(m.packed.spec) == "int3:channel:asym"
+
+
+def test_per_block_targets_sum_each_blocks_own_error(tiny_llama):
+    """With one target per window block, the loss is the sum of each block's mean squared error
+    against its own target (iteration 0: RTN weights, nothing learned)."""
+    folder, _ = tiny_llama
+    lm = load_model(str(folder))
+    ad = lm.adapter
+    hidden, kwargs = capture_block_inputs(lm.model, ad, tokens(4, 16))
+    x = torch.cat(hidden)
+    blocks = ad.blocks()
+    spec = QuantSpec.parse("int3:g32:asym")
+    with torch.no_grad():
+        t0 = run_blocks(blocks[:1], x, kwargs[0])
+        t1 = run_blocks(blocks[1:], t0, kwargs[0])
+        qs = [{r: CBQQuantizer(lin.weight, spec, 4, torch.Generator().manual_seed(j))
+               for r, lin in ad.block_linears(b).items()} for j, b in enumerate(blocks)]
+        rtn = copy.deepcopy(blocks)
+        for b, q in zip(rtn, qs):
+            install(ad, b, q)
+        o0 = run_blocks(rtn[:1], x, kwargs[0])
+        o1 = run_blocks(rtn[1:], o0, kwargs[0])
+    cfg = TrainConfig(0, 2, 1e-2, 1e-3, 0, 0)
+    both = train_blocks(ad, blocks, qs, x, kwargs[0], x.shape[0], [t0, t1], cfg, progress=False)
+    last = train_blocks(ad, blocks, qs, x, kwargs[0], x.shape[0], t1, cfg, progress=False)
+    expect = float((o0 - t0).pow(2).mean() + (o1 - t1).pow(2).mean())
+    assert both.loss_init == pytest.approx(expect, rel=1e-5)
+    assert last.loss_init == pytest.approx(float((o1 - t1).pow(2).mean()), rel=1e-5)
+    with pytest.raises(BitsmithError, match="2 blocks"):
+        train_blocks(ad, blocks, qs, x, kwargs[0], x.shape[0], [t1], cfg, progress=False)
+
+
+def test_cbq_block_targets_learn_every_window_block(tiny_llama):
+    folder, _ = tiny_llama
+    lm = load_model(str(folder))
+    rec = run_steps(lm, [{"cbq": {"weights": "int3:channel:asym", "iters": 30, "rank": 4, "block_targets": True}}],
+                    tokens(8, 24, 1))
+    report = rec.steps[0].report
+    assert len(report) == 1 and report[0]["window"] == 2
+    assert report[0]["kept"] and report[0]["loss"] < 0.9 * report[0]["loss_init"]
 
 
 def test_w4a8_keeps_activation_quantization_and_learns_under_it(tiny_llama):

@@ -338,7 +338,7 @@ def run_reconstruction(ctx: Context, steps: list[Step], step: Step, transformers
     activations unquantized) maps the window's inputs to the targets; the step learns and freezes
     block ``i`` (the whole window when it reaches the last block); the inputs of block ``i + 1`` are block ``i``'s
     outputs, quantized (default) or float (``step.float_inputs``). Activations held: the window's
-    inputs, its targets and one intermediate, for all calibration sequences.
+    inputs and the float output of each of its blocks (the targets), for all calibration sequences.
     """
     ad = ctx.lm.adapter
     window = max(1, int(getattr(step, "window", 1)))
@@ -357,17 +357,17 @@ def run_reconstruction(ctx: Context, steps: list[Step], step: Step, transformers
         while len(pending) < min(window, total - first):
             pending.append(next(source))
         win = pending[:window]
-        x, float_next = hidden, None
-        for j, b in enumerate(win):
+        x, targets = hidden, []
+        for b in win:
             if id(b) not in ready:
                 _prepare_block(ctx, steps, transformers, b, x, kw, batch)
                 ready.add(id(b))
             with FloatActivations([b]):
                 x = _forward([b], x, kw, batch)
-            if j == 0 and step.float_inputs:
-                float_next = x
-        step.reconstruct(ctx, win, first, hidden, kw, batch, x, last=first + len(win) >= total)
-        del x
+            targets.append(x)
+        float_next = targets[0] if step.float_inputs else None
+        step.reconstruct(ctx, win, first, hidden, kw, batch, targets, last=first + len(win) >= total)
+        del x, targets
         hidden = float_next if float_next is not None else _forward(win[:1], hidden, kw, batch)
         pending.pop(0)
     for _ in source:  # a streamed model writes its last block when the generator is resumed

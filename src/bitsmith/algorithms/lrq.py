@@ -5,8 +5,16 @@ hundred calibration sequences: it overfits them and generalises worse than it re
 keeps FlexRound's division (``W_hat = s1 * round(W / (s1 * exp(L U + r + c)))``) but replaces the full
 scale matrix by a rank-``r`` product ``L U`` plus a row vector ``r`` and a column vector ``c``, so
 weights still get individual scales from far fewer parameters. As in the paper ``L`` starts at zero
-and ``U`` random (entries of variance ``1/rank``, so that Adam's first steps on ``L`` already move
-``L U`` by about the learning rate), so the product is zero and the first step is round-to-nearest exactly.
+and ``U`` random, so the product is zero and the first step is round-to-nearest exactly.
+
+``U`` starts small, as LoRA initialises its down-projection (``init: lora``, uniform in
+``+-1/sqrt(cols)``): Adam then reshapes ``U`` within the first steps, so ``L U`` learns which columns
+to scale. With ``U`` of variance ``1/rank`` instead (``init: normal``, the earlier default) ``U`` stays
+close to a fixed random projection, and when a block's error sits in a few columns (the default model's
+blocks 11 and 28, where a few huge activations dominate the output error) every step on ``L`` drags
+all other weights of the row the same way: on those blocks rank-16 LRQ learned nothing at 60 steps
+(block output error 0.96-0.99 of RTN's on held-out calibration windows; 0.85-0.95 with ``U`` of
+LoRA's size).
 """
 
 from __future__ import annotations
@@ -29,10 +37,11 @@ from bitsmith.spec import QuantSpec
 class LRQQuantizer(LearnedQuantizer):
     """``W / (s1 * exp(L U + r + c))`` rounded on the grid of ``s1``."""
 
-    def __init__(self, weight: torch.Tensor, spec: QuantSpec, rank: int, gen: torch.Generator) -> None:
+    def __init__(self, weight: torch.Tensor, spec: QuantSpec, rank: int, gen: torch.Generator,
+                 init: str = "lora") -> None:
         super().__init__(weight, spec)
         rows, cols = self.shape
-        self.L, self.U = low_rank_pair(self.shape, rank, gen, "lrq")
+        self.L, self.U = low_rank_pair(self.shape, rank, gen, "lrq", init)
         self.r = nn.Parameter(torch.zeros(rows, 1))
         self.c = nn.Parameter(torch.zeros(1, cols))
 
@@ -46,15 +55,19 @@ class LRQQuantizer(LearnedQuantizer):
 @register_step("lrq")
 @dataclass
 class LRQ(Reconstruction):
-    """Recipe step: LRQ weights of rank ``rank``, trained block by block (other arguments:
+    """Recipe step: LRQ weights of rank ``rank``, ``U`` initialised as ``init`` ('lora' or 'normal'), trained
+    block by block (other arguments:
     :class:`~bitsmith.algorithms.reconstruction.Reconstruction`)."""
 
     rank: int = 8
+    init: str = "lora"
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
             raise BitsmithError(f"lrq: rank {self.rank!r} must be a positive integer")
+        if self.init not in ("lora", "normal"):
+            raise BitsmithError(f"lrq: init {self.init!r} must be 'lora' or 'normal'")
 
     def make_quantizer(self, weight: torch.Tensor, gen: torch.Generator) -> LearnedQuantizer:
-        return LRQQuantizer(weight, self.spec, self.rank, gen)
+        return LRQQuantizer(weight, self.spec, self.rank, gen, self.init)

@@ -56,13 +56,26 @@ def check_spec(spec: QuantSpec, method: str) -> QuantSpec:
     return spec
 
 
-def low_rank_pair(shape: tuple[int, int], rank: int, gen: torch.Generator, method: str) -> tuple[nn.Parameter, nn.Parameter]:
+def low_rank_pair(shape: tuple[int, int], rank: int, gen: torch.Generator, method: str,
+                  init: str = "normal") -> tuple[nn.Parameter, nn.Parameter]:
     """Factors ``(left, right)`` of a rank-``rank`` learned ``(rows, cols)`` matrix that starts at zero:
-    ``left`` is zero and ``right`` random (scaled by ``1/sqrt(rank)``), so gradients reach both from step one."""
+    ``left`` is zero and ``right`` random, so gradients reach both from step one.
+
+    ``init``: ``"normal"``, ``right`` of variance ``1/rank`` (Adam's first steps on ``left`` move the
+    product by about the learning rate, but inside the fixed random row space of ``right``);
+    ``"lora"``, ``right`` uniform in ``(-1/sqrt(cols), 1/sqrt(cols))`` as LoRA initialises its
+    down-projection (PyTorch's default for a linear layer): small, so Adam reshapes ``right`` within
+    the first steps and the pair learns its own row space."""
     rows, cols = shape
     if rank > min(rows, cols):
         raise BitsmithError(f"{method}: rank {rank} is larger than the {rows}x{cols} weight allows (at most {min(rows, cols)})")
-    return nn.Parameter(torch.zeros(rows, rank)), nn.Parameter(torch.randn(rank, cols, generator=gen) / rank**0.5)
+    if init == "lora":
+        right = (torch.rand(rank, cols, generator=gen) * 2 - 1) / cols**0.5
+    elif init == "normal":
+        right = torch.randn(rank, cols, generator=gen) / rank**0.5
+    else:
+        raise BitsmithError(f"{method}: init {init!r} must be 'normal' or 'lora'")
+    return nn.Parameter(torch.zeros(rows, rank)), nn.Parameter(right)
 
 
 class LearnedQuantizer(nn.Module):
@@ -212,11 +225,14 @@ class TrainConfig:
 
 
 def train_blocks(adapter, blocks: list[nn.Module], quantizers: list[dict[str, LearnedQuantizer]], inputs: torch.Tensor,
-                 kwargs: dict, kw_batch: int, targets: torch.Tensor, cfg: TrainConfig, progress: bool = True,
-                 desc: str = "reconstruct") -> TrainResult:
+                 kwargs: dict, kw_batch: int, targets: torch.Tensor | list[torch.Tensor], cfg: TrainConfig,
+                 progress: bool = True, desc: str = "reconstruct") -> TrainResult:
     """Train ``quantizers`` (one dict role -> quantizer per block) so ``blocks`` applied in order to
     ``inputs`` (sequences, seq, hidden) reproduce ``targets``; Adam, cosine-decayed learning rate,
     mini-batches of ``cfg.batch`` sequences drawn with a generator seeded by ``cfg.seed``.
+
+    ``targets`` is the last block's target output, or a list of one target per block: then the loss
+    is the sum of the blocks' mean squared errors (each block's output is held to its own target).
 
     The quantizers are left at the learned parameters, or back at RTN (``kept=False``) if those
     reconstruct the whole calibration set worse than RTN does.
@@ -224,6 +240,23 @@ def train_blocks(adapter, blocks: list[nn.Module], quantizers: list[dict[str, Le
     t0 = time.perf_counter()
     n = inputs.shape[0]
     batch = min(cfg.batch, n)
+    per_block = isinstance(targets, (list, tuple))
+    if per_block and len(targets) != len(blocks):
+        raise BitsmithError(f"{desc}: {len(targets)} targets for {len(blocks)} blocks")
+    per_target = targets[-1].numel() if per_block else targets.numel()
+
+    def window_loss(x: torch.Tensor, rows, kw: dict, reduction: str) -> torch.Tensor:
+        """Squared error of the window on ``x`` against the targets' ``rows`` (a slice or an index)."""
+        def err(out: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            return (out - t[rows]).pow(2).sum() if reduction == "sum" else F.mse_loss(out, t[rows])
+
+        if not per_block:
+            return err(run_blocks(blocks, x, kw), targets)
+        loss = 0.0
+        for b, t in zip(blocks, targets):
+            x = _first(b(x, **kw))
+            loss = loss + err(x, t)
+        return loss
     originals = []
     for b, qs in zip(blocks, quantizers):
         lins = adapter.block_linears(b)
@@ -241,11 +274,10 @@ def train_blocks(adapter, blocks: list[nn.Module], quantizers: list[dict[str, Le
             total = 0.0
             for i in range(0, n, kw_batch):
                 x = inputs[i : i + kw_batch]
-                out = run_blocks(blocks, x, slice_kwargs(kwargs, kw_batch, x.shape[0]))
-                total += float((out - targets[i : i + kw_batch]).pow(2).sum())
+                total += float(window_loss(x, slice(i, i + kw_batch), slice_kwargs(kwargs, kw_batch, x.shape[0]), "sum"))
             for m in wrappers:
                 m._weight = None
-        return total / targets.numel()
+        return total / per_target
 
     try:
         loss_init = full_loss()
@@ -262,8 +294,7 @@ def train_blocks(adapter, blocks: list[nn.Module], quantizers: list[dict[str, Le
                 for g, lr in zip(opt.param_groups, base):
                     g["lr"] = lr * 0.5 * (1 + math.cos(math.pi * it / cfg.iters))
                 idx = torch.randperm(n, generator=gen)[:batch]
-                out = run_blocks(blocks, inputs[idx], kw)
-                loss = F.mse_loss(out, targets[idx])
+                loss = window_loss(inputs[idx], idx, kw, "mean")
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -350,14 +381,20 @@ class Reconstruction(Step):
                                         for r, lin in ctx.lm.adapter.block_linears(block).items()}
         return self._pending[id(block)]
 
+    def window_targets(self, targets: list[torch.Tensor]) -> torch.Tensor | list[torch.Tensor]:
+        """What the window is trained to reproduce, given the float outputs of each of its blocks:
+        the last block's (the window's output)."""
+        return targets[-1]
+
     def reconstruct(self, ctx, blocks: list[nn.Module], first: int, inputs: torch.Tensor, kwargs: dict, kw_batch: int,
-                    targets: torch.Tensor, last: bool) -> None:
-        """Train the window ``blocks`` (block indices from ``first``) on ``inputs`` -> ``targets``;
-        freeze its first block (all of them when ``last``)."""
+                    targets: list[torch.Tensor], last: bool) -> None:
+        """Train the window ``blocks`` (block indices from ``first``) on ``inputs`` to reproduce
+        :meth:`window_targets` of ``targets`` (the float outputs of each window block); freeze its
+        first block (all of them when ``last``)."""
         ad = ctx.lm.adapter
         qs = [self.quantizers(ctx, b, first + j) for j, b in enumerate(blocks)]
         cfg = TrainConfig(self.iters, self.batch, self.lr, self.scale_lr, self.patience, ctx.seed * 7919 + first)
-        res = train_blocks(ad, blocks, qs, inputs, kwargs, kw_batch, targets, cfg, ctx.progress,
+        res = train_blocks(ad, blocks, qs, inputs, kwargs, kw_batch, self.window_targets(targets), cfg, ctx.progress,
                            f"{self.name} block {first}" + (f"-{first + len(blocks) - 1}" if len(blocks) > 1 else ""))
         params = sum(q.learned_parameters() for q in qs[0].values())
         self.report.append({"block": first, "window": len(blocks), "params": params, "loss_init": res.loss_init,

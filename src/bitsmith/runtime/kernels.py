@@ -12,9 +12,10 @@ that takes the input's per-tensor scale and zero point as arguments
 with scale 1, so its quantization is the identity on them. Symmetric inputs share one zero point, 128,
 which the operator adds and takes out of the product itself: ``y = s_t * acc * s_w``. Asymmetric inputs
 have one zero point per token: we hand it codes already shifted into ``[0, 255]`` with zero point 0 and
-remove the zero points afterwards, ``y = s_t * (acc - z_t * rowsum(W_q)) * s_w``. The dynamic operator (``quantized::linear_dynamic``), used before, measures
-the input's range itself, so it needed a pinning row of 0 and 255 and an extra pass over the input:
-at 512 tokens on 2 threads its GEMM ran 1.2x (192x576) to 2.3x the fp32 product, this one 2.7x to 3.2x.
+remove the zero points afterwards, ``y = s_t * (acc - z_t * rowsum(W_q)) * s_w``. The dynamic operator
+(``quantized::linear_dynamic``), used before, measures the input's range itself, so it needed a
+pinning row of 0 and 255 and an extra pass over the input: at 512 tokens on 2 threads its GEMM ran
+1.2x (192x576) to 2.3x the fp32 product, this one 2.7x to 3.2x.
 CPUs without VNNI multiply u8 x s8 pairs into saturating int16 sums (``vpmaddubsw``); the kernel is
 only installed after a worst-case self-check (all codes 255 against weights of 127) comes out exact.
 
@@ -88,8 +89,9 @@ class Int8Kernel:
         w_s8 = (codes.codes.reshape(layer.packed.shape).to(torch.int16) - 128).to(torch.int8)
         self.w_scale = codes.scale.reshape(-1).float()
         self.packed = _prepack(w_s8, self.w_scale)
-        self.rowsum = w_s8.sum(dim=1, dtype=torch.int32).float() * self.w_scale  # s_w * sum_k W_q
         self.act = layer.act_spec
+        # s_w * sum_k W_q, to take out per-token zero points (symmetric inputs leave theirs to the operator)
+        self.rowsum = None if self.act.symmetric else w_s8.sum(dim=1, dtype=torch.int32).float() * self.w_scale
         self.bias = layer.bias
 
     @staticmethod

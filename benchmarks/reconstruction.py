@@ -59,11 +59,13 @@ def single_block(raw: dict) -> dict:
     """A CBQ recipe with ``window: 1`` and ``iters`` multiplied by the window, so every block gets the
     same number of Adam steps and the run the same number of block forward/backward passes (within
     one window's worth: 30 windows of 1 block x 2k steps against 29 windows of 2 blocks x k steps)."""
+    from bitsmith.recipes import load_recipe
+
     rec = {**raw, "steps": []}
-    for step in raw["steps"]:
+    for step, built in zip(raw["steps"], load_recipe(raw).steps):
         (name, args), = step.items()
-        if name == "cbq":
-            args = {**args, "iters": args.get("iters", 100) * args.get("window", 2), "window": 1}
+        if name == "cbq":  # the built step holds the values, defaults included
+            args = {**args, "iters": built.iters * built.window, "window": 1}
             rec["description"] = f"ablation of {raw['name']}: windows of one block, {args['iters']} Adam steps per block"
         rec["steps"].append({name: args})
     return rec

@@ -18,7 +18,11 @@ For each type (Q8_0, Q4_0, Q4_K):
 Perplexity is computed in llama.cpp (llama-cpp-python, 1 thread, default F16 KV cache): logits of each of the
 first ``windows`` non-overlapping 512-token windows of the built-in evaluation text (``boolq-eval``, no BOS), the
 same windows ``bitsmith eval`` uses; bitsmith's own perplexity of its quantized model on those windows is shown
-next to it. Calibration: ``samples`` x 512 tokens of ``boolq-calib`` (disjoint from the evaluation text).
+next to it. KL and top-1 are also computed in llama.cpp, against the F32 file's next-token distributions on the
+same positions (perplexity alone can rank two quantizations the other way round from their distance to the
+float model), and the mean entropy of each file's next-token distributions (in nats; perplexity is
+``exp`` of the mean negative log-likelihood, which a flatter distribution lowers where the float model is
+overconfident). Calibration: ``samples`` x 512 tokens of ``boolq-calib`` (disjoint from the evaluation text).
 Writes ``benchmarks/results/gguf-export.json``.
 """
 
@@ -37,21 +41,43 @@ RESULTS = Path(__file__).parent / "results" / "gguf-export.json"
 FTYPE = {"q8_0": 7, "q4_0": 2, "q4_k": 15}  # llama_ftype: MOSTLY_Q8_0, MOSTLY_Q4_0, MOSTLY_Q4_K_M (a default only)
 
 
-def llama_ppl(path: Path, windows: torch.Tensor) -> float:
+def llama_eval(path: Path, windows: torch.Tensor, ref: list[torch.Tensor] | None = None) -> tuple[dict, list[torch.Tensor]]:
+    """Perplexity and the mean entropy of the next-token distributions computed by llama.cpp on ``windows``,
+    and with ``ref`` (the F32 file's next-token log-probabilities) the mean KL(float || this file) and top-1
+    agreement; returns the log-probabilities too."""
     import llama_cpp
 
     llm = llama_cpp.Llama(model_path=str(path), n_ctx=windows.shape[1], n_batch=windows.shape[1], n_threads=1,
                           logits_all=True, verbose=False)
-    nll, n = 0.0, 0
-    for w in windows.tolist():
+    nll = kl = top = entropy = 0.0
+    n, logps = 0, []
+    for i, w in enumerate(windows.tolist()):
         llm.reset()
         llm.eval(w)
-        logits = torch.tensor(np.array(llm.scores[: len(w)]), dtype=torch.float64)
-        logp = torch.log_softmax(logits, dim=-1)
-        nll -= logp[:-1].gather(-1, torch.tensor(w[1:])[:, None]).sum().item()
+        logits = torch.tensor(np.array(llm.scores[: len(w) - 1]), dtype=torch.float64)
+        logp = torch.log_softmax(logits, dim=-1).float()
+        nll -= logp.gather(-1, torch.tensor(w[1:])[:, None]).double().sum().item()
+        entropy -= (logp.exp() * logp).sum(-1).double().sum().item()
+        if ref is not None:
+            kl += (ref[i].exp() * (ref[i] - logp)).sum(-1).double().sum().item()
+            top += (ref[i].argmax(-1) == logp.argmax(-1)).sum().item()
+        logps.append(logp)
         n += len(w) - 1
     del llm
-    return float(np.exp(nll / n))
+    out = {"llama_ppl": float(np.exp(nll / n)), "llama_nll": nll / n, "llama_entropy": entropy / n}
+    if ref is not None:
+        out.update(llama_kl=kl / n, llama_top1=top / n)
+    return out, logps
+
+
+def temperature_scan(logps: list[torch.Tensor], windows: torch.Tensor) -> dict[str, float]:
+    """Perplexity of the float model with its next-token distributions sharpened or flattened by a temperature:
+    below the T = 1 value where the model is overconfident on this text."""
+    out = {}
+    for t in (0.9, 1.0, 1.05, 1.1, 1.2):
+        nll = sum(-torch.log_softmax(lp.double() / t, -1).gather(-1, w[1:, None]).sum().item() for lp, w in zip(logps, windows))
+        out[f"{t:g}"] = float(np.exp(nll / (windows.shape[0] * (windows.shape[1] - 1))))
+    return out
 
 
 def tensor_types(path: Path) -> dict[str, str]:
@@ -145,8 +171,10 @@ def main() -> None:
     f32 = work / "float-f32.gguf"
     if not f32.exists():
         export(base, "gguf", f32, qtype="f32")
-    rows.append({"type": "float", "method": "F32 (bitsmith export)", "MB": f32.stat().st_size / 1e6,
-                 "llama_ppl": llama_ppl(f32, windows), "bitsmith_ppl": evaluate_lm(base.model, windows, progress=False)["ppl"]})
+    measured, ref = llama_eval(f32, windows)
+    measured["temperature_scan"] = temperature_scan(ref, windows)
+    rows.append({"type": "float", "method": "F32 (bitsmith export)", "MB": f32.stat().st_size / 1e6, **measured,
+                 "bitsmith_ppl": evaluate_lm(base.model, windows, progress=False)["ppl"]})
     print(rows[-1], flush=True)
     imatrix = None
     for qt in args.types.split(","):
@@ -159,7 +187,7 @@ def main() -> None:
         export(lm, "gguf", ours, qtype="q8_0", force=True)
         types = tensor_types(ours)
         rows.append({"type": qt, "method": "bitsmith GPTQ (exact GGUF grid)", "MB": ours.stat().st_size / 1e6,
-                     "llama_ppl": llama_ppl(ours, windows), "bitsmith_ppl": evaluate_lm(lm.model, windows, progress=False)["ppl"],
+                     **llama_eval(ours, windows, ref)[0], "bitsmith_ppl": evaluate_lm(lm.model, windows, progress=False)["ppl"],
                      "quant_s": quant_s, "types": sorted(set(types.values()))})
         print(rows[-1], flush=True)
         del lm
@@ -175,7 +203,7 @@ def main() -> None:
             quant_s = time.time() - t0
             got = tensor_types(theirs)
             mismatched = sorted(n for n in types if got.get(n) != types[n])
-            rows.append({"type": qt, "method": method, "MB": theirs.stat().st_size / 1e6, "llama_ppl": llama_ppl(theirs, windows),
+            rows.append({"type": qt, "method": method, "MB": theirs.stat().st_size / 1e6, **llama_eval(theirs, windows, ref)[0],
                          "bitsmith_ppl": None, "quant_s": quant_s, "types_match": not mismatched,
                          "mismatched": mismatched[:5]})
             print(rows[-1], flush=True)
@@ -204,12 +232,20 @@ def print_table(out: dict) -> None:
     p = out["protocol"]
     print(f"\nmodel={p['model']}  text={p['text']} {p['windows']}x{p['seq']} tokens  calibration={p['calibration']}  "
           f"llama-cpp-python {p['llama_cpp_python']}")
-    print(f"{'type':6} {'method':34} {'MB':>7} {'llama.cpp ppl':>13} {'bitsmith ppl':>12} {'same types':>10} {'quant s':>7}")
+    print(f"{'type':6} {'method':34} {'MB':>7} {'llama.cpp ppl':>13} {'KL':>7} {'top-1':>6} {'entropy':>7} {'bitsmith ppl':>12} "
+          f"{'same types':>10} {'quant s':>7}")
+    scan = out["rows"][0].get("temperature_scan") if out["rows"] else None
+    if scan:
+        print("float model's perplexity in llama.cpp at temperature T: " + ", ".join(f"T={t} {v:.3f}" for t, v in scan.items()))
     for r in out["rows"]:
         bp = "-" if r["bitsmith_ppl"] is None else f"{r['bitsmith_ppl']:.3f}"
         same = {True: "yes", False: "NO"}.get(r.get("types_match"), "-")
         qs = "-" if r.get("quant_s") is None else f"{r['quant_s']:.0f}"
-        print(f"{r['type']:6} {r['method']:34} {r['MB']:7.2f} {r['llama_ppl']:13.3f} {bp:>12} {same:>10} {qs:>7}")
+        kl = "-" if r.get("llama_kl") is None else f"{r['llama_kl']:.4f}"
+        top = "-" if r.get("llama_top1") is None else f"{r['llama_top1']:.3f}"
+        ent = "-" if r.get("llama_entropy") is None else f"{r['llama_entropy']:.3f}"
+        print(f"{r['type']:6} {r['method']:34} {r['MB']:7.2f} {r['llama_ppl']:13.3f} {kl:>7} {top:>6} {ent:>7} {bp:>12} {same:>10} "
+              f"{qs:>7}")
 
 
 if __name__ == "__main__":

@@ -71,7 +71,9 @@ def recipe(setting: str, method: str, samples: int, seq: int) -> dict:
     weights, act = SETTINGS[setting]
     acts = [] if act is None else [{"act_quant": act}]
     builtin = f"{method}-{setting}"
-    if method != "rtn" and builtin in builtin_names() and _weight_specs(load_recipe(builtin).raw) == {weights}:
+    if method == "dgq":  # its own dual-grained grid (dg4:g64) is the method: always the built-in recipe
+        rec = dict(load_recipe(builtin).raw)
+    elif method != "rtn" and builtin in builtin_names() and _weight_specs(load_recipe(builtin).raw) == {weights}:
         rec = dict(load_recipe(builtin).raw)  # a built-in recipe only where it uses the setting's exact grid
     elif method == "rtn":
         rec = {"steps": acts + [{"rtn": {"weights": weights}}]}

@@ -11,7 +11,8 @@ Variants (every one runs the ``gptq`` step with ``weights: q4_0, act_order: true
   activations, up to about 3000 on the default model), full GPTQ elsewhere;
 * ``drop-first``: position 0 of every calibration window left out of every Hessian.
 
-Each row runs in its own process and is evaluated as ``bitsmith eval`` does (boolq-eval, 8 windows of 512):
+The variants swap ``bitsmith.algorithms.gptq.gptq_quantize`` (and, for ``drop-first``, the calibration
+statistics' ``add``) inside their own process: a diagnostic, not a recipe option. Each row runs in its own process and is evaluated as ``bitsmith eval`` does (boolq-eval, 8 windows of 512):
 perplexity, KL to the float model, top-1 agreement.
 """
 

@@ -44,7 +44,8 @@ FTYPE = {"q8_0": 7, "q4_0": 2, "q4_k": 15}  # llama_ftype: MOSTLY_Q8_0, MOSTLY_Q
 def llama_eval(path: Path, windows: torch.Tensor, ref: list[torch.Tensor] | None = None) -> tuple[dict, list[torch.Tensor]]:
     """Perplexity and the mean entropy of the next-token distributions computed by llama.cpp on ``windows``,
     and with ``ref`` (the F32 file's next-token log-probabilities) the mean KL(float || this file) and top-1
-    agreement; returns the log-probabilities too."""
+    agreement. Without ``ref`` this file is the reference: its log-probabilities (about 100 MB per window) are
+    returned too; with one, none are kept."""
     import llama_cpp
 
     llm = llama_cpp.Llama(model_path=str(path), n_ctx=windows.shape[1], n_batch=windows.shape[1], n_threads=1,
@@ -61,7 +62,8 @@ def llama_eval(path: Path, windows: torch.Tensor, ref: list[torch.Tensor] | None
         if ref is not None:
             kl += (ref[i].exp() * (ref[i] - logp)).sum(-1).double().sum().item()
             top += (ref[i].argmax(-1) == logp.argmax(-1)).sum().item()
-        logps.append(logp)
+        if ref is None:
+            logps.append(logp)
         n += len(w) - 1
     del llm
     out = {"llama_ppl": float(np.exp(nll / n)), "llama_nll": nll / n, "llama_entropy": entropy / n}

@@ -140,7 +140,7 @@ def whole_model(decode: int, n_windows: int) -> list[dict]:
     p, d, _ = speed(base.model, ids, decode)
     fp32_bytes = sum(m.weight.numel() * 4 for _, m in base.adapter.named_block_linears())
     rows = [{"model": "float (fp32)", "kernel": "none", "prefill_tok_s": p, "decode_tok_s": d,
-             "linear_mb": fp32_bytes / 2**20, "head_mb": base.adapter.lm_head().weight.numel() * 4 / 2**20,
+             "linear_mb": fp32_bytes / 2**20, "head_mb": head_mb(base),
              "ppl": perplexity(base.model, windows)}]
     for case, recipe, mode in MODEL_CASES:
         lm = bitsmith.quantize(bitsmith.load_model("default"), load_recipe(recipe), progress=False)

@@ -77,7 +77,7 @@ def linear_bytes(model, head: bool = False) -> int:
         k = m.kernel
         if isinstance(k, kernels.Int4Kernel):
             total += k.weight.numel() * k.weight.element_size() + k.scales_zeros.numel() * 4
-        elif isinstance(k, kernels.Int8Kernel):
+        elif isinstance(k, (kernels.Int8Kernel, kernels.SharedInputKernel)):
             total += m.packed.shape[0] * m.packed.shape[1] + 8 * m.packed.shape[0]  # int8 prepacked + scales
     return total
 

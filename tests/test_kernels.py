@@ -67,6 +67,59 @@ def test_int8_kernel_worst_case_accumulation_is_exact():
     assert torch.equal(got, torch.full((2, 4), 255.0 * 127 * 1536))
 
 
+@needs_exact_int8
+@pytest.mark.parametrize("aspec", ["int8:token:asym", "int8:token:sym"])
+def test_very_wide_int8_layer_runs_in_column_blocks_with_the_same_result(aspec):
+    out = 2 * kernels._BLOCK + 37  # more than two blocks: the last one partial
+    layer = _layer("int8:channel:sym", aspec, out=out, k=64)
+    x = _inputs(k=64)
+    ref = kernels.reference_output(layer, x)
+    kernels.accelerate(layer)
+    assert [b[0].stop - b[0].start for b in layer.kernel.blocks] == [kernels._BLOCK, kernels._BLOCK, 37]
+    assert _rel(layer(x), ref) < 1e-5
+
+
+@needs_exact_int8
+@pytest.mark.parametrize("inference", [False, True])
+def test_layers_sharing_an_input_run_one_gemm_whatever_the_call_order(inference):
+    qkv = [_layer("int8:channel:sym", "int8:token:asym", seed=s, out=o) for s, o in ((0, 96), (1, 32), (2, 32))]
+    group = kernels._SharedGroup(qkv)
+    for i, layer in enumerate(qkv):
+        layer.set_kernel(kernels.SharedInputKernel(group, i))
+    x = _inputs()
+    with torch.inference_mode(inference):
+        refs = [kernels.reference_output(layer, x) for layer in qkv]
+        calls = []
+        real = group.kernel.__call__
+        group.kernel = lambda t: calls.append(1) or real(t)
+        for i in (1, 0, 2):  # any order: one GEMM for the three
+            assert _rel(qkv[i](x), refs[i]) < 1e-5
+        assert len(calls) == 1 and group.x is None  # all three served: the input is let go
+        assert _rel(qkv[0](x), refs[0]) < 1e-5 and len(calls) == 2  # a new round recomputes
+        x.mul_(2)  # changed in place before k and v ran: they must not get the stale slices
+        for i in (1, 2):
+            assert _rel(qkv[i](x), kernels.reference_output(qkv[i], x)) < 1e-5
+        assert len(calls) == 3
+
+
+@needs_exact_int8
+def test_accelerate_fuses_qkv_and_gate_up_of_a_model(tiny_qwen2):
+    folder, _ = tiny_qwen2
+    lm = bitsmith.quantize(str(folder), "w8a8", progress=False)
+    ids = torch.randint(3, 96, (2, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = lm.model(input_ids=ids).logits
+        assert kernels.accelerate(lm.model) == {"int8-fbgemm": 14}
+        attn, mlp = lm.model.model.layers[0].self_attn, lm.model.model.layers[0].mlp
+        kinds = {name: type(m.kernel).__name__ for name, m in (("q", attn.q_proj), ("v", attn.v_proj),
+                                                                ("o", attn.o_proj), ("up", mlp.up_proj), ("down", mlp.down_proj))}
+        assert kinds == {"q": "SharedInputKernel", "v": "SharedInputKernel", "o": "Int8Kernel",
+                         "up": "SharedInputKernel", "down": "Int8Kernel"}
+        assert attn.q_proj.kernel.group is attn.k_proj.kernel.group is not mlp.up_proj.kernel.group
+        got = lm.model(input_ids=ids).logits
+    assert _rel(got, ref) < 1e-4  # q/k/v biases included
+
+
 @pytest.mark.parametrize("wspec", ["int4:g64:sym", "int4:g32:asym", "int4:g128:asym"])
 def test_int4_kernel_matches_fake_quant_and_drops_the_float_copy(wspec):
     layer = _layer(wspec, None, k=256)

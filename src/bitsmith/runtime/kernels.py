@@ -212,12 +212,14 @@ class _SharedGroup:
 
 def _shared_input_groups(model: nn.Module) -> list[list[QuantLinear]]:
     """Linears that read the same tensor, per residual branch (from the model's adapter; none if it has none)."""
-    from bitsmith.models.adapter import _ADAPTERS
+    from bitsmith.models.adapter import adapter_for
 
-    adapter_cls = _ADAPTERS.get(getattr(getattr(model, "config", None), "model_type", None))
-    if adapter_cls is None:
+    if getattr(model, "config", None) is None:
         return []
-    adapter = adapter_cls(model)
+    try:
+        adapter = adapter_for(model)
+    except BitsmithError:  # an architecture without an adapter: every layer keeps its own kernel
+        return []
     groups = []
     for block in adapter.blocks():
         linears = adapter.block_linears(block)
@@ -271,27 +273,27 @@ def accelerate(model: nn.Module, mode: str = "auto") -> dict[str, int]:
     kinds = [] if mode == "off" else [Int8Kernel] if mode == "auto" else [Int8Kernel, Int4Kernel]
     if Int8Kernel in kinds and not int8_gemm_exact():
         kinds.remove(Int8Kernel)
+    shared: dict[int, SharedInputKernel] = {}  # id(layer) -> its slice of a group's kernel
+    if Int8Kernel in kinds:
+        for group in _shared_input_groups(model):
+            if _fusable(group):
+                kernel = _SharedGroup(group)
+                shared.update((id(layer), SharedInputKernel(kernel, i)) for i, layer in enumerate(group))
     counts: dict[str, int] = {}
     for module in model.modules():
         if not isinstance(module, QuantLinear):
             continue
-        kernel = next((k(module) for k in kinds if k.serves(module)), None)
+        kernel = shared.get(id(module)) or next((k(module) for k in kinds if k.serves(module)), None)
         module.set_kernel(kernel)
         if kernel is not None:
             counts[kernel.name] = counts.get(kernel.name, 0) + 1
             module.drop_float_weight()  # a kernel reads its own copy of the weight
-    if Int8Kernel in kinds:
-        for group in _shared_input_groups(model):
-            if _fusable(group):
-                shared = _SharedGroup(group)
-                for i, layer in enumerate(group):
-                    layer.set_kernel(SharedInputKernel(shared, i))
     return counts
 
 
 def _fusable(group: list) -> bool:
-    """Whether one quantization and one GEMM can serve the whole group: all on the int8 kernel, same input."""
-    return (len(group) > 1 and all(isinstance(m, QuantLinear) and isinstance(m.kernel, Int8Kernel) for m in group)
+    """Whether one quantization and one GEMM can serve the whole group: all W8A8 on the int8 kernel, same input."""
+    return (len(group) > 1 and all(isinstance(m, QuantLinear) and Int8Kernel.serves(m) for m in group)
             and len({m.act_spec for m in group}) == 1 and all(m.input_transform is None for m in group)
             and len({m.packed.shape[1] for m in group}) == 1)
 

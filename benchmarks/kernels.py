@@ -10,7 +10,8 @@ is faster than fp32).
 
 Part 2, the default model (SmolLM2-135M) quantized with the ``w8a8`` and ``w4a16-g64`` recipes (RTN), and
 W8A8 with the lm_head quantized too (the built-in recipes keep it in fp32):
-prefill tokens/s on one 512-token window, decode tokens/s over ``--decode`` greedy steps with the KV
+prefill tokens/s on one 512-token window (with every position's logits, as perplexity needs, and with the
+last position's only, as generation needs), decode tokens/s over ``--decode`` greedy steps with the KV
 cache, the bytes the block linears hold (fp32 weight copies, packed codes and scales, kernel buffers),
 and perplexity on ``--windows`` windows of 512 tokens of the eval text, so the kernel model's quality can
 be checked against the fake-quant one (the two differ by float rounding, which in a quantized network
@@ -99,8 +100,10 @@ def perplexity(model, windows: torch.Tensor) -> float:
     return float(torch.exp(torch.tensor(nll / (windows.shape[0] * (windows.shape[1] - 1)))))
 
 
-def speed(model, ids: torch.Tensor, decode: int, repeats: int = 5) -> tuple[float, float, torch.Tensor]:
-    """(prefill tokens/s, decode tokens/s, prefill logits): medians over ``repeats`` prefills and three decodes.
+def speed(model, ids: torch.Tensor, decode: int, repeats: int = 5) -> tuple[float, float, float, torch.Tensor]:
+    """(prefill tokens/s, generation prefill tokens/s, decode tokens/s, prefill logits): medians over
+    ``repeats`` prefills and three decodes. A generation prefill computes the logits of the last position
+    only (``logits_to_keep=1``, as ``generate`` does), so the lm_head's share of it is negligible.
 
     One timed pass is not enough here: the first passes after a model is built run slower (the fp32 baseline,
     measured first, would look slower than it is), and the 2-core machine's timings wander by about 5%.
@@ -115,6 +118,12 @@ def speed(model, ids: torch.Tensor, decode: int, repeats: int = 5) -> tuple[floa
             out = model(input_ids=ids, use_cache=True)
             times.append(time.perf_counter() - t0)
         prefill = ids.shape[1] / statistics.median(times)
+        gen_times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            model(input_ids=ids, use_cache=True, logits_to_keep=1)
+            gen_times.append(time.perf_counter() - t0)
+        gen_prefill = ids.shape[1] / statistics.median(gen_times)
         steps = []
         for _ in range(3):
             past, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
@@ -126,7 +135,7 @@ def speed(model, ids: torch.Tensor, decode: int, repeats: int = 5) -> tuple[floa
                 step = model(input_ids=tok, past_key_values=past, use_cache=True)
                 past, tok = step.past_key_values, step.logits[:, -1:].argmax(-1)
             steps.append(time.perf_counter() - t0)
-        return prefill, decode / statistics.median(steps), out.logits
+        return prefill, gen_prefill, decode / statistics.median(steps), out.logits
 
 
 def whole_model(decode: int, n_windows: int) -> list[dict]:
@@ -137,22 +146,22 @@ def whole_model(decode: int, n_windows: int) -> list[dict]:
     base = bitsmith.load_model("default")
     windows = eval_windows(base.tokenizer, get_text(None, "eval"), 512, n_windows)
     ids = windows[:1]
-    p, d, _ = speed(base.model, ids, decode)
+    p, g, d, _ = speed(base.model, ids, decode)
     fp32_bytes = sum(m.weight.numel() * 4 for _, m in base.adapter.named_block_linears())
-    rows = [{"model": "float (fp32)", "kernel": "none", "prefill_tok_s": p, "decode_tok_s": d,
+    rows = [{"model": "float (fp32)", "kernel": "none", "prefill_tok_s": p, "gen_prefill_tok_s": g, "decode_tok_s": d,
              "linear_mb": fp32_bytes / 2**20, "head_mb": head_mb(base),
              "ppl": perplexity(base.model, windows)}]
     for case, recipe, mode in MODEL_CASES:
         lm = bitsmith.quantize(bitsmith.load_model("default"), load_recipe(recipe), progress=False)
-        p, d, ref = speed(lm.model, ids, decode)
-        rows.append({"model": f"{case} fake quant", "kernel": "none", "prefill_tok_s": p, "decode_tok_s": d,
+        p, g, d, ref = speed(lm.model, ids, decode)
+        rows.append({"model": f"{case} fake quant", "kernel": "none", "prefill_tok_s": p, "gen_prefill_tok_s": g, "decode_tok_s": d,
                      "linear_mb": linear_bytes(lm.model) / 2**20, "head_mb": head_mb(lm),
                      "ppl": perplexity(lm.model, windows)})
         counts = kernels.accelerate(lm.model, mode)
-        p, d, got = speed(lm.model, ids, decode)
+        p, g, d, got = speed(lm.model, ids, decode)
         top1 = (got.argmax(-1) == ref.argmax(-1)).float().mean().item()
         rows.append({"model": f"{case} kernel", "kernel": ", ".join(f"{k} x{n}" for k, n in counts.items()) or "none",
-                     "prefill_tok_s": p, "decode_tok_s": d, "linear_mb": linear_bytes(lm.model) / 2**20,
+                     "prefill_tok_s": p, "gen_prefill_tok_s": g, "decode_tok_s": d, "linear_mb": linear_bytes(lm.model) / 2**20,
                      "head_mb": head_mb(lm), "ppl": perplexity(lm.model, windows), "top1_agreement": top1})
         del lm
     return rows
@@ -213,11 +222,12 @@ def main() -> None:
               f"{r['fp32_ms'] / r['fake_quant_ms']:.2f} | {r['kernel_ms']:.3f} | {r['fp32_ms'] / r['kernel_ms']:.2f} | {r['kernel']} |")
     base = mrows[0]
     print(f"\nDefault model, one 512-token window of the built-in eval text; decode {args.decode} greedy steps")
-    print("| model | kernel | prefill tok/s | x fp32 | decode tok/s | x fp32 | block linears MB | lm_head MB | ppl | top-1 = fake quant |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| model | kernel | prefill tok/s | x fp32 | prefill, last logits only | x fp32 | decode tok/s | x fp32 | block linears MB | lm_head MB | ppl | top-1 = fake quant |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in mrows:
         top = f"{r['top1_agreement']:.4f}" if "top1_agreement" in r else ""
         print(f"| {r['model']} | {r['kernel']} | {r['prefill_tok_s']:.0f} | {r['prefill_tok_s'] / base['prefill_tok_s']:.2f} | "
+              f"{r['gen_prefill_tok_s']:.0f} | {r['gen_prefill_tok_s'] / base['gen_prefill_tok_s']:.2f} | "
               f"{r['decode_tok_s']:.1f} | {r['decode_tok_s'] / base['decode_tok_s']:.2f} | {r['linear_mb']:.1f} | {r['head_mb']:.1f} | "
               f"{r['ppl']:.2f} | {top} |")
 

@@ -62,7 +62,7 @@ def llama_eval(path: Path, windows: torch.Tensor, ref: list[torch.Tensor] | None
         if ref is not None:
             kl += (ref[i].exp() * (ref[i] - logp)).sum(-1).double().sum().item()
             top += (ref[i].argmax(-1) == logp.argmax(-1)).sum().item()
-        if ref is None:
+        else:
             logps.append(logp)
         n += len(w) - 1
     del llm

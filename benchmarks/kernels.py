@@ -110,20 +110,18 @@ def speed(model, ids: torch.Tensor, decode: int, repeats: int = 5) -> tuple[floa
     """
     import statistics
 
-    with torch.no_grad():
-        model(input_ids=ids[:, :32])  # warm-up
+    def prefill_rate(**kwargs):  # (tokens/s of the median of ``repeats`` prefills, the last one's output)
         times = []
         for _ in range(repeats):
             t0 = time.perf_counter()
-            out = model(input_ids=ids, use_cache=True)
+            out = model(input_ids=ids, use_cache=True, **kwargs)
             times.append(time.perf_counter() - t0)
-        prefill = ids.shape[1] / statistics.median(times)
-        gen_times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            model(input_ids=ids, use_cache=True, logits_to_keep=1)
-            gen_times.append(time.perf_counter() - t0)
-        gen_prefill = ids.shape[1] / statistics.median(gen_times)
+        return ids.shape[1] / statistics.median(times), out
+
+    with torch.no_grad():
+        model(input_ids=ids[:, :32])  # warm-up
+        prefill, out = prefill_rate()
+        gen_prefill, _ = prefill_rate(logits_to_keep=1)
         steps = []
         for _ in range(3):
             past, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)

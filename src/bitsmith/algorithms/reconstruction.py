@@ -68,7 +68,8 @@ def low_rank_pair(shape: tuple[int, int], rank: int, gen: torch.Generator, metho
     the first steps and the pair learns its own row space."""
     rows, cols = shape
     if rank > min(rows, cols):
-        raise BitsmithError(f"{method}: rank {rank} is larger than the {rows}x{cols} weight allows (at most {min(rows, cols)})")
+        raise BitsmithError(f"{method}: rank {rank} is larger than the {rows}x{cols} weight allows "
+                            f"(at most {min(rows, cols)}); give the step a lower rank")
     if init == "lora":
         right = (torch.rand(rank, cols, generator=gen) * 2 - 1) / cols**0.5
     elif init == "normal":

@@ -17,7 +17,7 @@ all other weights of the row the same way: on those blocks rank-16 LRQ learned n
 LoRA's size).
 
 With that start the rank pays off: on the default model at W3 g64, ranks 16 / 64 / 144 / 192 give
-perplexity 41.90 / 39.18 / 37.78 / 37.68 (FlexRound: 37.41, with 2.5x the parameters of rank 144), so
+perplexity 41.90 / 39.18 / 37.77 / 37.68 (FlexRound: 37.41, with 2.4x the parameters of rank 144), so
 the W3 recipe uses 144, a quarter of the hidden size. At per-channel W4 rank 144 lowers KL (0.367 against
 0.379) but not perplexity (32.68 against 32.44), and the W4 recipes keep 16.
 """

@@ -216,8 +216,9 @@ def test_wrong_step_order_is_explained(tiny_llama):
 def test_builtin_recipes_load():
     for name in ["smoothquant-w8a8", "osplus-w8a8", "smoothquant-w6a6", "osplus-w6a6", "smoothquant-w4a4", "osplus-w4a4"]:
         rec = load_recipe(name)
-        smooth, act, rtn = rec.steps
-        assert smooth.transforms_inputs and rtn.name == "rtn" and rec.calibration == {"samples": 128, "seq": 512}
+        smooth, act, weights = rec.steps
+        solver = "gptq" if name == "osplus-w8a8" else "rtn"  # W8A8 static: OS+ searched against GPTQ's grid
+        assert smooth.transforms_inputs and weights.name == solver and rec.calibration == {"samples": 128, "seq": 512}
         assert act.static == name.endswith("w8a8") and act.transforms_inputs == act.static
 
 
@@ -307,3 +308,21 @@ def test_fold_into_a_gptq_solved_producer_keeps_its_solution(tiny_llama, step):
         lin = lm.adapter.block_linears(lm.adapter.blocks()[0])
         assert lin["v"].packed is not None and lin["up"].packed is not None
     assert errs["gptq"] < 2 * errs["rtn"] and errs["gptq"] < 0.02, errs
+
+
+def test_search_weighs_the_grid_of_a_solver_that_comes_later(tiny_llama):
+    """A solver after the smoothing step (GPTQ) rounds onto its grid too: the search must count that grid's
+    error, as it does for RTN's, instead of treating the weights as float (which picks scales that push the
+    error into the weights). Block 0's first group sees the same inputs in every recipe, so its choice is
+    the same with GPTQ as with RTN, and differs from the choice for float weights. (OS+'s threshold; the
+    code is the smoothing base's, shared with SmoothQuant, whose alpha on this tiny model is 0.5 for all three.)"""
+    folder, _ = tiny_llama
+    calib = _tokens(8, 32, seed=1)
+    step, weights = {"osplus": {}}, {"weights": "int4:channel:sym"}
+    chosen = {}
+    for tail in ("gptq", "rtn", None):
+        steps = [step, STATIC8] + ([{tail: weights}] if tail else [])
+        recipe = run_steps(load_model(str(folder)), steps, calib)
+        chosen[tail] = recipe.steps[0].choices[0]
+    assert chosen["gptq"] == chosen["rtn"], chosen
+    assert chosen["rtn"] != chosen[None], chosen

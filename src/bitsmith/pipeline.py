@@ -70,6 +70,7 @@ class Context:
     calibration_settings: dict = field(default_factory=lambda: dict(DEFAULT_CALIBRATION))
     _calib: torch.Tensor | None = None
     _read_outside: dict = field(default_factory=dict)  # streamed: parameters outside the blocks, as read
+    solvers: list = field(default_factory=list)  # the calibrated weight solvers of the running recipe
 
     def calibration(self) -> torch.Tensor:
         """Calibration token windows, shape (samples, seq), deterministic for the seed."""
@@ -287,6 +288,7 @@ def run_calibrated(ctx: Context, steps: list[Step], blocks: Iterable[nn.Module] 
     recon = [s for s in steps if s.reconstructs]
     solvers = [s for s in steps if s.calibrated and not s.transforms_inputs and s not in recon]
     transformers = [s for s in steps if s.transforms_inputs]
+    ctx.solvers = solvers
     if recon:
         if len(recon) > 1 or solvers:
             others = [s.name for s in recon[1:] + solvers]

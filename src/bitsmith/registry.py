@@ -55,6 +55,12 @@ class Step:
         """Calibrated steps: whether the pipeline should also ``solve`` the lm_head."""
         return False
 
+    def weight_grid(self, in_features: int) -> Any:
+        """Calibrated steps: the :class:`~bitsmith.spec.QuantSpec` their solution for a block linear with
+        ``in_features`` inputs lands on (None: not known), so a smoothing step before them can weigh its
+        choices against that grid's rounding error."""
+        return None
+
 
 def register_step(name: str):
     def deco(cls: type[Step]) -> type[Step]:

@@ -301,3 +301,6 @@ class GPTQ(Step):
 
     def wants_lm_head(self) -> bool:
         return self.lm_head
+
+    def weight_grid(self, in_features: int) -> QuantSpec:
+        return self.spec_for(in_features)

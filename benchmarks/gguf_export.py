@@ -7,7 +7,8 @@ For each type (Q8_0, Q4_0, Q4_K):
 
 * bitsmith: GPTQ on the exact GGUF grid (the ``gptq-q4_0`` / ``gptq-q4_k`` recipes; ``q8_0`` the same step),
   exported with ``bitsmith export --format gguf --type q8_0`` (the tied embedding/output in Q8_0, which is what
-  llama.cpp picks for a 576-wide output matrix);
+  llama.cpp picks for a 576-wide output matrix); for Q4_0 also FlexRound on the exact grid, started from the
+  importance-weighted grid (the ``flexround-q4_0`` recipe, same calibration windows);
 * llama.cpp: bitsmith's F32 export of the same float model, quantized by ``llama_cpp.llama_model_quantize``
   with every tensor forced (``tt_overrides``, one exact pattern per tensor) to the type it has in bitsmith's
   file, so both files hold the same types and have the same size (checked); without and with an importance
@@ -38,6 +39,7 @@ import numpy as np
 import torch
 
 RESULTS = Path(__file__).parent / "results" / "gguf-export.json"
+LEARNED = {"q4_0": "flexround-q4_0"}  # types with a learned-rounding recipe: one more bitsmith row
 FTYPE = {"q8_0": 7, "q4_0": 2, "q4_k": 15}  # llama_ftype: MOSTLY_Q8_0, MOSTLY_Q4_0, MOSTLY_Q4_K_M (a default only)
 
 
@@ -163,6 +165,7 @@ def main() -> None:
     from bitsmith.data.text import builtin_text, calibration_batch, eval_windows
     from bitsmith.eval.perplexity import evaluate_lm
     from bitsmith.export import export
+    from bitsmith.recipes import load_recipe
 
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -180,19 +183,23 @@ def main() -> None:
     print(rows[-1], flush=True)
     imatrix = None
     for qt in args.types.split(","):
-        ours = work / f"bitsmith-gptq-{qt}.gguf"
-        t0 = time.time()
         steps = [{"gptq": {"weights": qt, **({"fallback": "q5_0"} if qt == "q4_k" else {}), "act_order": True}}]
-        lm = bitsmith.quantize(copy.deepcopy(base), {"name": f"gptq-{qt}", "calibration": {"samples": args.samples, "seq": 512},
-                                                     "steps": steps}, progress=False)
-        quant_s = time.time() - t0
-        export(lm, "gguf", ours, qtype="q8_0", force=True)
-        types = tensor_types(ours)
-        rows.append({"type": qt, "method": "bitsmith GPTQ (exact GGUF grid)", "MB": ours.stat().st_size / 1e6,
-                     **llama_eval(ours, windows, ref)[0], "bitsmith_ppl": evaluate_lm(lm.model, windows, progress=False)["ppl"],
-                     "quant_s": quant_s, "types": sorted(set(types.values()))})
-        print(rows[-1], flush=True)
-        del lm
+        ours = [("gptq", "bitsmith GPTQ (exact GGUF grid)", steps)]
+        if qt in LEARNED:
+            ours.append(("flexround", "bitsmith FlexRound (exact GGUF grid)", load_recipe(LEARNED[qt]).raw["steps"]))
+        for tag, method, steps in ours:
+            path = work / f"bitsmith-{tag}-{qt}.gguf"
+            t0 = time.time()
+            lm = bitsmith.quantize(copy.deepcopy(base), {"name": f"{tag}-{qt}", "steps": steps,
+                                                         "calibration": {"samples": args.samples, "seq": 512}}, progress=False)
+            quant_s = time.time() - t0
+            export(lm, "gguf", path, qtype="q8_0", force=True)
+            types = tensor_types(path)
+            rows.append({"type": qt, "method": method, "MB": path.stat().st_size / 1e6, **llama_eval(path, windows, ref)[0],
+                         "bitsmith_ppl": evaluate_lm(lm.model, windows, progress=False)["ppl"],
+                         "quant_s": quant_s, "types": sorted(set(types.values()))})
+            print(rows[-1], flush=True)
+            del lm
         variants = [("llama.cpp quantize", None)]
         if qt != "q8_0":
             if imatrix is None:

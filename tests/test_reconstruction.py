@@ -22,6 +22,7 @@ from bitsmith.algorithms.reconstruction import (
     train_blocks,
 )
 from bitsmith.errors import BitsmithError
+from bitsmith.formats import gguf_blocks as gb
 from bitsmith.models import load_model
 from bitsmith.pipeline import capture_block_inputs
 from bitsmith.recipes import load_recipe
@@ -62,8 +63,40 @@ def test_iteration_zero_is_rtn_exactly(kind, spec):
     assert torch.equal(q.fake_weight(), rtn.dequantize())  # the training forward too, not only the frozen one
 
 
+GGUF_SPECS = ["q4_0", "q5_0", "q8_0"]
+
+
 @pytest.mark.parametrize("kind", ["flexround", "lrq", "cbq"])
-@pytest.mark.parametrize("spec", SPECS)
+@pytest.mark.parametrize("spec", GGUF_SPECS)
+def test_gguf_iteration_zero_is_rtn_on_the_stored_grid(kind, spec):
+    """On a GGUF type the start is round-to-nearest on the type's stored grid: llama.cpp's reference
+    block scale, or after ``search_grid`` the importance-weighted one GPTQ uses; frozen as the type's records."""
+    t = gb.TYPES[spec]
+    w = torch.randn(48, 64, generator=torch.Generator().manual_seed(0))
+    w[5, :32] = 0  # an all-zero block
+    wb = w.reshape(48, 2, 32)
+    imp = torch.rand(64, generator=torch.Generator().manual_seed(1)) ** 4
+    for grid, importance in ((gb.grid_params(wb, t), None),
+                             (gb.grid_params(wb, t, (imp + 1e-8 * imp.mean()).reshape(2, 32).expand(48, 2, 32), search=True), imp)):
+        q = _quantizer(kind, w, spec)
+        if importance is not None:
+            q.search_grid(importance)
+        _, values = gb.round_to_grid(wb, grid, t)
+        frozen = q.freeze()
+        assert str(frozen.spec) == spec and set(frozen.tensors()) == {"qblocks"}
+        assert torch.equal(frozen.dequantize(), values.reshape(48, 64))
+        assert torch.equal(q.fake_weight(), values.reshape(48, 64))
+    ref = _quantizer(kind, w, spec)
+    assert not torch.equal(q.s0, ref.s0)  # the weighted search moved the grid
+
+
+def test_search_grid_is_only_for_gguf_types():
+    with pytest.raises(BitsmithError, match="not a GGUF type"):
+        _quantizer("flexround", torch.randn(8, 32), "int4:g32:sym").search_grid(torch.ones(32))
+
+
+@pytest.mark.parametrize("kind", ["flexround", "lrq", "cbq"])
+@pytest.mark.parametrize("spec", SPECS + GGUF_SPECS)
 def test_frozen_weights_equal_what_the_learned_parameters_imply(kind, spec):
     w = torch.randn(48, 64, generator=torch.Generator().manual_seed(0))
     q = _quantizer(kind, w, spec)
@@ -134,6 +167,8 @@ def test_lrq_lora_init_starts_U_small_and_L_at_zero():
 @pytest.mark.parametrize("steps, message", [
     ([{"lrq": {"weights": "int4:channel:asym", "rank": 0}}], "rank"),
     ([{"flexround": {"weights": "fp4:channel"}}], "integer grids"),
+    ([{"lrq": {"weights": "q4_1"}}], "q4_0"),
+    ([{"cbq": {"weights": "q4_k"}}], "q4_0"),
     ([{"lrq": {"weights": "int4:ic"}}], "per ic"),
     ([{"cbq": {"weights": "int4:channel:asym", "window": 0}}], "window"),
     ([{"cbq": {"weights": "int4:channel:asym", "block_targets": "yes"}}], "block_targets"),
@@ -194,6 +229,38 @@ def test_pipeline_learns_lower_block_error_than_rtn_and_is_deterministic(tiny_ll
     for m in runs[0].model.modules():
         if isinstance(m, QuantLinear):
             assert m.packed is not None and str(m.packed.spec) == "int3:channel:asym"
+
+
+@pytest.mark.parametrize("method", ["flexround", "cbq"])
+def test_gguf_grid_starts_from_the_importance_of_the_calibration_inputs(tiny_llama, method):
+    """At iteration 0 a GGUF recipe equals round-to-nearest on the grid searched with each linear's mean
+    squared calibration input (computed here from the float model: block 0 sees the same inputs); trained,
+    it lowers the block error below that start and every linear holds Q4_0 records."""
+    folder, _ = tiny_llama
+    calib = tokens(8, 24, 1)
+    lm = load_model(str(folder))
+    float_lm = load_model(str(folder))
+    t = gb.TYPES["q4_0"]
+    lin = float_lm.adapter.block_linears(float_lm.adapter.blocks()[0])["gate"]
+    seen = []
+    h = lin.register_forward_pre_hook(lambda m, a: seen.append(a[0].reshape(-1, a[0].shape[-1])))
+    with torch.no_grad():
+        float_lm.model(input_ids=calib)
+    h.remove()
+    imp = torch.cat(seen).pow(2).mean(0)
+    wb = lin.weight.detach().reshape(lin.weight.shape[0], -1, 32)
+    grid = gb.grid_params(wb, t, (imp + 1e-8 * imp.mean()).reshape(-1, 32).expand_as(wb), search=True)
+    _, expect = gb.round_to_grid(wb, grid, t)
+    args = {"weights": "q4_0", "iters": 0} | ({"rank": 4, "scale_activations": False} if method == "cbq" else {})
+    run_steps(lm, [{method: args}], calib)
+    got = lm.adapter.block_linears(lm.adapter.blocks()[0])["gate"]
+    assert torch.allclose(got.weight, expect.reshape(got.weight.shape), rtol=0, atol=1e-6 * float(expect.abs().max()))
+    lm = load_model(str(folder))
+    rec = run_steps(lm, [{method: {**args, "iters": 30, "lr": 5e-3, "scale_lr": 1e-3}}], calib)
+    assert all(r["kept"] and r["loss"] < 0.9 * r["loss_init"] for r in rec.steps[0].report)
+    for m in lm.model.modules():
+        if isinstance(m, QuantLinear):
+            assert str(m.packed.spec) == "q4_0" and set(m.packed.tensors()) == {"qblocks"}
 
 
 def test_per_block_targets_sum_each_blocks_own_error(tiny_llama):

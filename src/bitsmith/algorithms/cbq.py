@@ -43,8 +43,7 @@ from bitsmith.algorithms.reconstruction import (
     LearnedQuantizer,
     Reconstruction,
     low_rank_pair,
-    run_blocks,
-    slice_kwargs,
+    observe_linear_inputs,
 )
 from bitsmith.errors import BitsmithError
 from bitsmith.registry import register_step
@@ -150,25 +149,15 @@ class CBQ(Reconstruction):
                     groups.append((b, sub.norm, sub.inputs))
         if not groups:
             return
-        amax = {}
-        hooks = []
-        for b, norm, roles in groups:
-            key = (id(b), roles)
-            amax[key] = None
+        amax: dict = {}
 
-            def hook(_m, args, key=key):
-                a = args[0].detach().abs().reshape(-1, args[0].shape[-1]).amax(0)
-                amax[key] = a if amax[key] is None else torch.maximum(amax[key], a)
+        def observe(key, x):
+            a = x.abs().reshape(-1, x.shape[-1]).amax(0)
+            amax[key] = torch.maximum(amax[key], a) if key in amax else a
 
-            hooks.append(ad.block_linears(b)[roles[0]].register_forward_pre_hook(hook))
-        try:
-            last_needed = max(blocks.index(b) for b, _, _ in groups)
-            for i in range(0, inputs.shape[0], kw_batch):
-                x = inputs[i : i + kw_batch]
-                run_blocks(blocks[: last_needed + 1], x, slice_kwargs(kwargs, kw_batch, x.shape[0]))
-        finally:
-            for h in hooks:
-                h.remove()
+        firsts = {(id(b), roles): ad.block_linears(b)[roles[0]] for b, _, roles in groups}
+        last_needed = max(blocks.index(b) for b, _, _ in groups)
+        observe_linear_inputs(blocks[: last_needed + 1], firsts, inputs, kwargs, kw_batch, observe)
         for b, norm, roles in groups:
             a = amax[(id(b), roles)]
             t = max(outlier_threshold(a), 1e-8)

@@ -8,6 +8,10 @@ scale is proportional to the weight itself, so large weights, whose rounding mat
 outputs, move most. The scales are learned in log space (``exp(0) = 1`` at the start), which keeps
 them positive and makes the first step exactly round-to-nearest on RTN's grid. The parameters are
 trained by block reconstruction (:mod:`bitsmith.algorithms.reconstruction`), as the paper does for LLMs.
+
+On GGUF's Q4_0 grid (``flexround-q4_0``) the start is the importance-weighted block scales and the
+learning rates are a quarter of the integer recipes': with one scale per 32 weights the start is already
+close, and at 0.02 a third of the default model's blocks end worse than it (the guard keeps the start).
 """
 
 from __future__ import annotations

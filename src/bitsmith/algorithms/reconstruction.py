@@ -33,7 +33,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from bitsmith.errors import BitsmithError, SpecError
+from bitsmith.formats import gguf_blocks as gb
 from bitsmith.formats import integer
+from bitsmith.formats.registry import number_format
 from bitsmith.registry import Step
 from bitsmith.runtime.modules import QuantLinear
 from bitsmith.runtime.qweight import PackedWeight
@@ -47,10 +49,21 @@ def round_ste(x: torch.Tensor) -> torch.Tensor:
     return x + (torch.round(x) - x).detach()
 
 
+def gguf_type(spec: QuantSpec) -> gb.BlockType | None:
+    """The GGUF block type of a spec whose grid learned rounding can train: one fp16 scale per block of
+    32 and a fixed code offset (Q4_0, Q5_0, Q8_0); None for integer specs."""
+    t = gb.TYPES.get(spec.format)
+    return t if t is not None and t.sub is None and t.offset is not None else None
+
+
 def check_spec(spec: QuantSpec, method: str) -> QuantSpec:
-    """Learned rounding needs an integer grid whose groups lie along a weight row."""
+    """Learned rounding needs an integer grid whose groups lie along a weight row: an integer spec or a
+    GGUF type with one scale per block and no minimum."""
+    if gguf_type(spec) is not None:
+        return spec
     if spec.format != "int":
-        raise SpecError(f"{method}: learned rounding works on integer grids; '{spec}' is {spec.format} (use e.g. int4:channel:asym)")
+        raise SpecError(f"{method}: learned rounding works on integer grids and on GGUF q4_0, q5_0, q8_0; '{spec}' is "
+                        f"{spec.format} (use e.g. int4:channel:asym or q4_0)")
     if spec.granularity not in ("tensor", "channel", "group"):
         raise SpecError(f"{method}: spec '{spec}' is per {spec.granularity}; use tensor, channel or g<N> weights")
     return spec
@@ -86,6 +99,13 @@ class LearnedQuantizer(nn.Module):
     starts from :func:`bitsmith.formats.integer.choose_params` (fp16 scales) exactly as RTN's, and
     its scale is learned as ``s0 * exp(t)`` so Adam's steps are relative to each group's scale and
     the grid can grow back past a clipped range. Zero points stay fixed (they are stored as bytes).
+
+    On a GGUF type (:func:`gguf_type`) the grid starts from llama.cpp's reference block scale (signed:
+    the block's largest-magnitude weight sits on the lowest code), or after :meth:`search_grid` from
+    the importance-weighted one GPTQ uses; the zero point is the type's code offset, and the frozen
+    weight is the type's records, so it exports to GGUF byte for byte. The first step is
+    round-to-nearest on that stored fp16 grid, which can differ from llama.cpp's own bytes where a
+    weight lies within fp16 rounding of a half step.
     """
 
     def __init__(self, weight: torch.Tensor, spec: QuantSpec) -> None:
@@ -95,11 +115,29 @@ class LearnedQuantizer(nn.Module):
         w = weight.detach().float()
         self.register_buffer("w", w.clone())
         wg = integer.group_view(w, spec)
-        s0, z = integer.choose_params(wg, spec, torch.float16)
+        self.block_type = gguf_type(spec)
+        if self.block_type is None:
+            s0, z = integer.choose_params(wg, spec, torch.float16)
+            self.qmax = (1 << spec.bits) - 1
+        else:
+            s0 = gb.grid_params(wg, self.block_type)[..., 0, :]
+            s0 = torch.where(s0 == 0, torch.ones_like(s0), s0)  # an all-zero block: any scale codes it as zero
+            z = torch.full_like(s0, float(self.block_type.offset))
+            self.qmax = self.block_type.levels - 1
         self.register_buffer("s0", s0)
         self.register_buffer("zero", z)
         self.log_s = nn.Parameter(torch.zeros_like(s0))
-        self.qmax = (1 << spec.bits) - 1
+
+    @torch.no_grad()
+    def search_grid(self, importance: torch.Tensor) -> None:
+        """GGUF types: start from the block scales of least squared error weighted by ``importance`` (the
+        mean squared input of each weight column, as llama.cpp's importance matrix and GPTQ's grid use),
+        instead of the reference absmax rule; call before training."""
+        if self.block_type is None:
+            raise BitsmithError(f"search_grid: '{self.spec}' is not a GGUF type")
+        wg = self.grouped(self.w)
+        s0 = number_format(self.spec).column_grid(wg, self.spec, self.grouped(importance.float()[None, :]))[..., 0, :]
+        self.s0.copy_(torch.where(s0 == 0, torch.ones_like(s0), s0))
 
     def grouped(self, t: torch.Tensor) -> torch.Tensor:
         """An ``(out, in)`` tensor in the weight's grouped view."""
@@ -108,8 +146,11 @@ class LearnedQuantizer(nn.Module):
     def scale(self, storage: bool = False) -> torch.Tensor:
         """The grid step per group; ``storage``: rounded to fp16 as it will be stored."""
         s = self.s0 * torch.exp(self.log_s)
-        if storage:
+        if storage and self.block_type is None:
             s = integer._store_scale(s.detach(), torch.float16)
+        elif storage:  # GGUF scales are signed; keep them off fp16's zero
+            s = s.detach()
+            s = gb._fp16(torch.copysign(s.abs().clamp_min(2.0**-24), s))
         return s
 
     def unrounded(self, scale: torch.Tensor) -> torch.Tensor:
@@ -133,6 +174,8 @@ class LearnedQuantizer(nn.Module):
         """Integer codes and fp16 scales of the learned weight, packed like RTN's."""
         s = self.scale(storage=True)
         codes = torch.clamp(torch.round(self.unrounded(s)) + self.zero, 0, self.qmax).to(torch.uint8)
+        if self.block_type is not None:
+            return PackedWeight.from_codes(gb.GGUFCodes(codes, s), self.spec, self.shape)
         zero = None if self.spec.symmetric else self.zero.to(torch.uint8)
         return PackedWeight.from_codes(integer.IntCodes(codes, s, zero), self.spec, self.shape)
 
@@ -213,6 +256,26 @@ def run_blocks(blocks: list[nn.Module], x: torch.Tensor, kw: dict) -> torch.Tens
     for b in blocks:
         x = _first(b(x, **kw))
     return x
+
+
+@torch.no_grad()
+def observe_linear_inputs(blocks: list[nn.Module], linears: dict[Any, nn.Module], inputs: torch.Tensor, kwargs: dict,
+                          kw_batch: int, observe) -> None:
+    """Run ``blocks`` over the calibration ``inputs`` (batches of ``kw_batch`` sequences) and call
+    ``observe(key, x)`` with what each of ``linears`` (key -> module inside ``blocks``) multiplies its
+    weight by: its input after a QuantLinear's online transform (activation quantization aside)."""
+    def hook(m, args, key):
+        x = args[0].detach()
+        observe(key, m.transform_input(x) if isinstance(m, QuantLinear) else x)
+
+    hooks = [m.register_forward_pre_hook(lambda m, args, key=key: hook(m, args, key)) for key, m in linears.items()]
+    try:
+        for i in range(0, inputs.shape[0], kw_batch):
+            x = inputs[i : i + kw_batch]
+            run_blocks(blocks, x, slice_kwargs(kwargs, kw_batch, x.shape[0]))
+    finally:
+        for h in hooks:
+            h.remove()
 
 
 @dataclass
@@ -374,13 +437,36 @@ class Reconstruction(Step):
     def preprocess(self, ctx, block: nn.Module, inputs: torch.Tensor, kwargs: dict) -> None:
         """Method-specific, function-preserving rewrite of a block before its quantizers are made."""
 
-    def quantizers(self, ctx, block: nn.Module, index: int) -> dict[str, LearnedQuantizer]:
-        """The block's learned quantizers, made on first use (a window's later blocks keep theirs)."""
+    def quantizers(self, ctx, block: nn.Module, index: int, importance: dict[str, torch.Tensor] | None = None
+                   ) -> dict[str, LearnedQuantizer]:
+        """The block's learned quantizers, made on first use (a window's later blocks keep theirs);
+        ``importance`` (role -> mean squared input per column): GGUF grids start from the weighted search."""
         if id(block) not in self._pending:
             gen = torch.Generator().manual_seed(ctx.seed * 1_000_003 + index)
-            self._pending[id(block)] = {r: self.make_quantizer(lin.weight, gen)
-                                        for r, lin in ctx.lm.adapter.block_linears(block).items()}
+            qs = {r: self.make_quantizer(lin.weight, gen) for r, lin in ctx.lm.adapter.block_linears(block).items()}
+            for r, imp in (importance or {}).items():
+                qs[r].search_grid(imp)
+            self._pending[id(block)] = qs
         return self._pending[id(block)]
+
+    def input_importance(self, ctx, blocks: list[nn.Module], inputs: torch.Tensor, kwargs: dict, kw_batch: int
+                         ) -> dict[int, dict[str, torch.Tensor]]:
+        """Mean squared input of every column of the linears of the window's blocks that have no
+        quantizers yet (id(block) -> role -> vector), on the window's calibration inputs."""
+        ad = ctx.lm.adapter
+        todo = [b for b in blocks if id(b) not in self._pending]
+        sums: dict[int, dict[str, torch.Tensor]] = {id(b): {} for b in todo}
+
+        def add(key, x):
+            acc, role = sums[key[0]], key[1]
+            sq = x.float().pow(2).reshape(-1, x.shape[-1]).sum(0)
+            acc[role] = acc[role] + sq if role in acc else sq
+
+        if todo:
+            lins = {(id(b), r): lin for b in todo for r, lin in ad.block_linears(b).items()}
+            observe_linear_inputs(blocks[: max(blocks.index(b) for b in todo) + 1], lins, inputs, kwargs, kw_batch, add)
+        tokens = inputs.shape[0] * inputs.shape[1]
+        return {k: {r: v / tokens for r, v in acc.items()} for k, acc in sums.items()}
 
     def window_targets(self, targets: list[torch.Tensor]) -> torch.Tensor | list[torch.Tensor]:
         """What the window is trained to reproduce, given the float outputs of each of its blocks:
@@ -393,7 +479,8 @@ class Reconstruction(Step):
         :meth:`window_targets` of ``targets`` (the float outputs of each window block); freeze its
         first block (all of them when ``last``)."""
         ad = ctx.lm.adapter
-        qs = [self.quantizers(ctx, b, first + j) for j, b in enumerate(blocks)]
+        imp = self.input_importance(ctx, blocks, inputs, kwargs, kw_batch) if gguf_type(self.spec) else {}
+        qs = [self.quantizers(ctx, b, first + j, imp.get(id(b))) for j, b in enumerate(blocks)]
         cfg = TrainConfig(self.iters, self.batch, self.lr, self.scale_lr, self.patience, ctx.seed * 7919 + first)
         res = train_blocks(ad, blocks, qs, inputs, kwargs, kw_batch, self.window_targets(targets), cfg, ctx.progress,
                            f"{self.name} block {first}" + (f"-{first + len(blocks) - 1}" if len(blocks) > 1 else ""))

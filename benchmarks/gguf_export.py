@@ -241,7 +241,7 @@ def print_table(out: dict) -> None:
     p = out["protocol"]
     print(f"\nmodel={p['model']}  text={p['text']} {p['windows']}x{p['seq']} tokens  calibration={p['calibration']}  "
           f"llama-cpp-python {p['llama_cpp_python']}")
-    print(f"{'type':6} {'method':34} {'MB':>7} {'llama.cpp ppl':>13} {'KL':>7} {'top-1':>6} {'entropy':>7} {'bitsmith ppl':>12} "
+    print(f"{'type':6} {'method':38} {'MB':>7} {'llama.cpp ppl':>13} {'KL':>7} {'top-1':>6} {'entropy':>7} {'bitsmith ppl':>12} "
           f"{'same types':>10} {'quant s':>7}")
     scan = out["rows"][0].get("temperature_scan") if out["rows"] else None
     if scan:
@@ -253,7 +253,7 @@ def print_table(out: dict) -> None:
         kl = "-" if r.get("llama_kl") is None else f"{r['llama_kl']:.4f}"
         top = "-" if r.get("llama_top1") is None else f"{r['llama_top1']:.3f}"
         ent = "-" if r.get("llama_entropy") is None else f"{r['llama_entropy']:.3f}"
-        print(f"{r['type']:6} {r['method']:34} {r['MB']:7.2f} {r['llama_ppl']:13.3f} {kl:>7} {top:>6} {ent:>7} {bp:>12} {same:>10} "
+        print(f"{r['type']:6} {r['method']:38} {r['MB']:7.2f} {r['llama_ppl']:13.3f} {kl:>7} {top:>6} {ent:>7} {bp:>12} {same:>10} "
               f"{qs:>7}")
 
 

@@ -51,11 +51,15 @@ def test_default_model_w8a8_exports_to_compressed_tensors_and_runs_on_the_int8_k
     exact = bitsmith.load_model(str(q), kernels="off")
     out = bitsmith.export(str(q), "compressed-tensors", tmp_path / "ct")
     vllm_view = AutoModelForCausalLM.from_pretrained(str(out)).eval()
-    ids = torch.randint(0, 49152, (1, 64), generator=torch.Generator().manual_seed(0))
+    from bitsmith.data.text import builtin_text, eval_windows
+
+    ids = eval_windows(exact.tokenizer, builtin_text("eval"), 256, 1)
     with torch.no_grad():
         got, want = vllm_view(input_ids=ids).logits, exact.model(input_ids=ids).logits
     # per-token int8 codes flip under float-rounding differences on this model (a 1e-7 input change moves its
-    # logits by about 5%), so compare the functions on quality, and the weights bit for bit
+    # logits by about 5%), so compare the functions on quality, and the weights bit for bit; on real text (on
+    # random tokens the next-token distributions are flat, and how many top-1 choices flip depends on the CPU:
+    # 52 of 64 agreed on an AVX2-only AMD EPYC, more on the machine the test was written on)
     for name, m in vllm_view.named_modules():
         if name.endswith("mlp.down_proj"):
             w = m.weight.float() * m.weight_scale.float() if m.weight.dtype == torch.int8 else m.weight.float()

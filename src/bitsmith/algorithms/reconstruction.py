@@ -56,6 +56,14 @@ def gguf_type(spec: QuantSpec) -> gb.BlockType | None:
     return t if t is not None and t.sub is None and t.offset is not None else None
 
 
+def _block_scales(grid: torch.Tensor) -> torch.Tensor:
+    """The per-block scale ``(..., nblocks, 1)`` of a symmetric GGUF grid from
+    :func:`~bitsmith.formats.gguf_blocks.grid_params`; an all-zero block's 0 becomes 1 (it codes as zero
+    with any scale, and the learned grid must not divide by 0)."""
+    s0 = grid[..., 0, :]
+    return torch.where(s0 == 0, torch.ones_like(s0), s0)
+
+
 def check_spec(spec: QuantSpec, method: str) -> QuantSpec:
     """Learned rounding needs an integer grid whose groups lie along a weight row: an integer spec or a
     GGUF type with one scale per block and no minimum."""
@@ -120,8 +128,7 @@ class LearnedQuantizer(nn.Module):
             s0, z = integer.choose_params(wg, spec, torch.float16)
             self.qmax = (1 << spec.bits) - 1
         else:
-            s0 = gb.grid_params(wg, self.block_type)[..., 0, :]
-            s0 = torch.where(s0 == 0, torch.ones_like(s0), s0)  # an all-zero block: any scale codes it as zero
+            s0 = _block_scales(gb.grid_params(wg, self.block_type))
             z = torch.full_like(s0, float(self.block_type.offset))
             self.qmax = self.block_type.levels - 1
         self.register_buffer("s0", s0)
@@ -136,8 +143,8 @@ class LearnedQuantizer(nn.Module):
         if self.block_type is None:
             raise BitsmithError(f"search_grid: '{self.spec}' is not a GGUF type")
         wg = self.grouped(self.w)
-        s0 = number_format(self.spec).column_grid(wg, self.spec, self.grouped(importance.float()[None, :]))[..., 0, :]
-        self.s0.copy_(torch.where(s0 == 0, torch.ones_like(s0), s0))
+        grid = number_format(self.spec).column_grid(wg, self.spec, self.grouped(importance.float()[None, :]))
+        self.s0.copy_(_block_scales(grid))
 
     def grouped(self, t: torch.Tensor) -> torch.Tensor:
         """An ``(out, in)`` tensor in the weight's grouped view."""

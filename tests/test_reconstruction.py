@@ -212,6 +212,54 @@ def test_pipeline_at_iteration_zero_equals_rtn(tiny_llama, method):
     assert torch.equal(_logits(lm, ids), _logits(rtn, ids))
 
 
+def _block_io(lm, ids) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(input, output) of every decoder block of ``lm`` on ``ids``."""
+    seen = []
+    hooks = [b.register_forward_hook(lambda m, a, out: seen.append((a[0].clone(), out[0] if isinstance(out, tuple) else out)))
+             for b in lm.adapter.blocks()]
+    _logits(lm, ids)
+    for h in hooks:
+        h.remove()
+    return seen
+
+
+@pytest.mark.parametrize("method, window", [("flexround", 1), ("cbq", 2)])
+def test_pipeline_targets_are_the_float_models_activations_and_inputs_the_quantized_ones(tiny_llama, monkeypatch,
+                                                                                         method, window):
+    """Block ``i`` is fed the quantized blocks' outputs and trained towards the float model's activations
+    after each window block (the papers' ``||W X - W_hat X_q||``), not the float block's outputs on the
+    quantized inputs; with ``float_inputs`` both are the float model's. Iteration 0: the quantized
+    blocks before ``i`` are RTN."""
+    folder, _ = tiny_llama
+    calib = tokens(4, 16, 1)
+    float_io = _block_io(load_model(str(folder)), calib)
+    rtn = load_model(str(folder))
+    run_steps(rtn, [{"rtn": {"weights": "int3:g32:asym"}}], calib)
+    rtn_io = _block_io(rtn, calib)
+    assert not torch.allclose(rtn_io[1][0], float_io[1][0], atol=1e-4)  # the streams differ
+    for float_inputs in (False, True):
+        seen = []
+        cls = type(load_recipe({"name": "t", "steps": [{method: {"weights": "int3:g32:asym"}}]}).steps[0])
+        orig = cls.reconstruct
+
+        def spy(self, ctx, blocks, first, inputs, kwargs, kw_batch, targets, last):
+            seen.append((first, inputs.clone(), [t.clone() for t in targets]))
+            return orig(self, ctx, blocks, first, inputs, kwargs, kw_batch, targets, last)
+
+        monkeypatch.setattr(cls, "reconstruct", spy)
+        args = {"weights": "int3:g32:asym", "iters": 0, "float_inputs": float_inputs}
+        args |= {"window": window, "scale_activations": False} if method == "cbq" else {}
+        run_steps(load_model(str(folder)), [{method: args}], calib)
+        monkeypatch.setattr(cls, "reconstruct", orig)
+        assert [s[0] for s in seen] == list(range(3 - window))
+        for first, inputs, targets in seen:
+            fed = float_io if float_inputs else rtn_io
+            assert torch.allclose(inputs, fed[first][0], atol=1e-5)
+            assert len(targets) == window
+            for j, t in enumerate(targets):
+                assert torch.allclose(t, float_io[first + j][1], atol=1e-5)
+
+
 @pytest.mark.parametrize("method, args", [("flexround", {}), ("lrq", {"rank": 4}), ("cbq", {"rank": 4}),
                                           ("lrq", {"rank": 4, "float_inputs": True})])
 def test_pipeline_learns_lower_block_error_than_rtn_and_is_deterministic(tiny_llama, method, args):

@@ -333,14 +333,21 @@ def _forward(blocks: list[nn.Module], hidden: torch.Tensor, kwargs: dict, batch:
 def run_reconstruction(ctx: Context, steps: list[Step], step: Step, transformers: list[Step],
                        blocks: Iterable[nn.Module] | None = None) -> None:
     """Block reconstruction (FlexRound, LRQ, CBQ): ``step.reconstruct`` trains a window of
-    ``step.window`` blocks at a time to reproduce the float window's outputs.
+    ``step.window`` blocks at a time to reproduce the float model's activations after each of them.
+
+    Two streams of activations run through the blocks: the float model's (the targets) and the
+    quantized model's (what block ``i`` is fed; the float stream with ``step.float_inputs``). A
+    block trained on quantized inputs against the float model's outputs learns to undo the error of
+    the blocks before it, as the papers' objective ``||W X - W_hat X_q||`` asks (FlexRound, LRQ,
+    CBQ); against the float block's outputs on the quantized inputs it would only copy the float
+    block and leave that error to grow.
 
     For the window starting at block ``i``: each block entering the window gets the data-free steps
     and the input-transforming steps (smoothing), on the inputs it will see; the float window (its
-    activations unquantized) maps the window's inputs to the targets; the step learns and freezes
-    block ``i`` (the whole window when it reaches the last block); the inputs of block ``i + 1`` are block ``i``'s
-    outputs, quantized (default) or float (``step.float_inputs``). Activations held: the window's
-    inputs and the float output of each of its blocks (the targets), for all calibration sequences.
+    activations unquantized) maps the float stream to the targets; the step learns and freezes
+    block ``i`` (the whole window when it reaches the last block); both streams then move past
+    block ``i``. Activations held: both streams and the float output of each window block, for all
+    calibration sequences.
     """
     ad = ctx.lm.adapter
     window = max(1, int(getattr(step, "window", 1)))
@@ -351,6 +358,7 @@ def run_reconstruction(ctx: Context, steps: list[Step], step: Step, transformers
     kw, batch = kwargs_list[0], chunks[0].shape[0]
     hidden = torch.cat(chunks)
     del chunks
+    reference = None if step.float_inputs else hidden.clone()  # the float stream, when it differs
     source = iter(ad.blocks() if blocks is None else blocks)
     pending: list[nn.Module] = []
     ready: set[int] = set()
@@ -359,22 +367,25 @@ def run_reconstruction(ctx: Context, steps: list[Step], step: Step, transformers
         while len(pending) < min(window, total - first):
             pending.append(next(source))
         win = pending[:window]
-        x, targets = hidden, []
-        for b in win:
-            if id(b) not in ready:
-                _prepare_block(ctx, steps, transformers, b, x, kw, batch)
+        x, targets = hidden if reference is None else reference, []
+        for j, b in enumerate(win):
+            if id(b) not in ready:  # a window's later blocks are prepared on the float stream
+                _prepare_block(ctx, steps, transformers, b, hidden if j == 0 else x, kw, batch)
                 ready.add(id(b))
             with FloatActivations([b]):
                 x = _forward([b], x, kw, batch)
             targets.append(x)
-        float_next = targets[0] if step.float_inputs else None
+        float_next = targets[0]
         step.reconstruct(ctx, win, first, hidden, kw, batch, targets, last=first + len(win) >= total)
         del x, targets
-        hidden = float_next if float_next is not None else _forward(win[:1], hidden, kw, batch)
+        if reference is None:
+            hidden = float_next
+        else:
+            reference, hidden = float_next, _forward(win[:1], hidden, kw, batch)
         pending.pop(0)
     for _ in source:  # a streamed model writes its last block when the generator is resumed
         pass
-    del hidden
+    del hidden, reference
 
 
 def _prepare_block(ctx: Context, steps: list[Step], transformers: list[Step], block: nn.Module,

@@ -3,7 +3,7 @@
 Rounding each weight to its nearest level is optimal for the weight, not for what the block
 computes; GPTQ corrects this with a quadratic model of one linear at a time. Reconstruction instead
 trains the quantization parameters of a whole block (or a window of blocks) by gradient descent so
-that the quantized block reproduces the float block's outputs on calibration data, which also sees
+that the quantized block reproduces the float model's activations on calibration data, which also sees
 the attention softmax, the SiLU gate and the interactions between linears that a per-linear
 Hessian misses. Rounding is made differentiable with the straight-through estimator; the learned
 parameters are then frozen into ordinary integer codes and fp16 scales (a :class:`PackedWeight`),
@@ -16,7 +16,8 @@ calibration outputs better than RTN did (they almost always do; the guard makes 
 
 The pipeline (:func:`bitsmith.pipeline.run_calibrated`) hands a step with ``reconstructs = True`` the
 inputs of block ``i`` (from the already quantized blocks, or the float ones with ``float_inputs``)
-and the float block's outputs on them as targets; see :class:`Reconstruction`.
+and, as targets, the float model's activations after it: the papers' ``||W X - W_hat X_q||``, so
+each block also corrects the error it is fed; see :class:`Reconstruction`.
 """
 
 from __future__ import annotations
@@ -476,14 +477,14 @@ class Reconstruction(Step):
         return {k: {r: v / tokens for r, v in acc.items()} for k, acc in sums.items()}
 
     def window_targets(self, targets: list[torch.Tensor]) -> torch.Tensor | list[torch.Tensor]:
-        """What the window is trained to reproduce, given the float outputs of each of its blocks:
+        """What the window is trained to reproduce, given the float model's activations after each of its blocks:
         the last block's (the window's output)."""
         return targets[-1]
 
     def reconstruct(self, ctx, blocks: list[nn.Module], first: int, inputs: torch.Tensor, kwargs: dict, kw_batch: int,
                     targets: list[torch.Tensor], last: bool) -> None:
         """Train the window ``blocks`` (block indices from ``first``) on ``inputs`` to reproduce
-        :meth:`window_targets` of ``targets`` (the float outputs of each window block); freeze its
+        :meth:`window_targets` of ``targets`` (the float model's activations after each window block); freeze its
         first block (all of them when ``last``)."""
         ad = ctx.lm.adapter
         imp = self.input_importance(ctx, blocks, inputs, kwargs, kw_batch) if gguf_type(self.spec) else {}

@@ -15,7 +15,9 @@ from bitsmith.algorithms.flexround import FlexRoundQuantizer
 from bitsmith.algorithms.lrq import LRQQuantizer
 from bitsmith.algorithms.reconstruction import (
     FloatActivations,
+    Reconstruction,
     TrainConfig,
+    _first,
     install,
     observe_linear_inputs,
     run_blocks,
@@ -215,8 +217,7 @@ def test_pipeline_at_iteration_zero_equals_rtn(tiny_llama, method):
 def _block_io(lm, ids) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """(input, output) of every decoder block of ``lm`` on ``ids``."""
     seen = []
-    hooks = [b.register_forward_hook(lambda m, a, out: seen.append((a[0].clone(), out[0] if isinstance(out, tuple) else out)))
-             for b in lm.adapter.blocks()]
+    hooks = [b.register_forward_hook(lambda m, a, out: seen.append((a[0].clone(), _first(out)))) for b in lm.adapter.blocks()]
     _logits(lm, ids)
     for h in hooks:
         h.remove()
@@ -237,20 +238,19 @@ def test_pipeline_targets_are_the_float_models_activations_and_inputs_the_quanti
     run_steps(rtn, [{"rtn": {"weights": "int3:g32:asym"}}], calib)
     rtn_io = _block_io(rtn, calib)
     assert not torch.allclose(rtn_io[1][0], float_io[1][0], atol=1e-4)  # the streams differ
+    seen = []
+    orig = Reconstruction.reconstruct  # what every method's reconstruct ends in (CBQ's via super())
+
+    def spy(self, ctx, blocks, first, inputs, kwargs, kw_batch, targets, last):
+        seen.append((first, inputs.clone(), [t.clone() for t in targets]))
+        return orig(self, ctx, blocks, first, inputs, kwargs, kw_batch, targets, last)
+
+    monkeypatch.setattr(Reconstruction, "reconstruct", spy)
     for float_inputs in (False, True):
-        seen = []
-        cls = type(load_recipe({"name": "t", "steps": [{method: {"weights": "int3:g32:asym"}}]}).steps[0])
-        orig = cls.reconstruct
-
-        def spy(self, ctx, blocks, first, inputs, kwargs, kw_batch, targets, last):
-            seen.append((first, inputs.clone(), [t.clone() for t in targets]))
-            return orig(self, ctx, blocks, first, inputs, kwargs, kw_batch, targets, last)
-
-        monkeypatch.setattr(cls, "reconstruct", spy)
+        seen.clear()
         args = {"weights": "int3:g32:asym", "iters": 0, "float_inputs": float_inputs}
         args |= {"window": window, "scale_activations": False} if method == "cbq" else {}
         run_steps(load_model(str(folder)), [{method: args}], calib)
-        monkeypatch.setattr(cls, "reconstruct", orig)
         assert [s[0] for s in seen] == list(range(3 - window))
         for first, inputs, targets in seen:
             fed = float_io if float_inputs else rtn_io

@@ -358,7 +358,7 @@ def run_reconstruction(ctx: Context, steps: list[Step], step: Step, transformers
     kw, batch = kwargs_list[0], chunks[0].shape[0]
     hidden = torch.cat(chunks)
     del chunks
-    reference = None if step.float_inputs else hidden.clone()  # the float stream, when it differs
+    reference = hidden  # the float model's activations (the stream the targets come from)
     source = iter(ad.blocks() if blocks is None else blocks)
     pending: list[nn.Module] = []
     ready: set[int] = set()
@@ -367,7 +367,7 @@ def run_reconstruction(ctx: Context, steps: list[Step], step: Step, transformers
         while len(pending) < min(window, total - first):
             pending.append(next(source))
         win = pending[:window]
-        x, targets = hidden if reference is None else reference, []
+        x, targets = reference, []
         for j, b in enumerate(win):
             if id(b) not in ready:  # a window's later blocks are prepared on the float stream
                 _prepare_block(ctx, steps, transformers, b, hidden if j == 0 else x, kw, batch)
@@ -375,13 +375,10 @@ def run_reconstruction(ctx: Context, steps: list[Step], step: Step, transformers
             with FloatActivations([b]):
                 x = _forward([b], x, kw, batch)
             targets.append(x)
-        float_next = targets[0]
         step.reconstruct(ctx, win, first, hidden, kw, batch, targets, last=first + len(win) >= total)
+        reference = targets[0]
+        hidden = reference if step.float_inputs else _forward(win[:1], hidden, kw, batch)
         del x, targets
-        if reference is None:
-            hidden = float_next
-        else:
-            reference, hidden = float_next, _forward(win[:1], hidden, kw, batch)
         pending.pop(0)
     for _ in source:  # a streamed model writes its last block when the generator is resumed
         pass

@@ -177,6 +177,7 @@ def test_lrq_lora_init_starts_U_small_and_L_at_zero():
     ([{"cbq": {"weights": "int4:channel:asym", "block_targets": "yes"}}], "block_targets"),
     ([{"lrq": {"weights": "int4:channel:asym", "init": "zeros"}}], "init"),
     ([{"flexround": {"weights": "int4:channel:asym", "iters": -1}}], "iters"),
+    ([{"lrq": {"weights": "int4:channel:asym", "loss": "kl"}}], "loss 'kl' must be one of mse, normalized"),
 ])
 def test_bad_arguments_fail_at_parse_time(steps, message):
     with pytest.raises(BitsmithError, match=message):
@@ -340,6 +341,41 @@ def test_per_block_targets_sum_each_blocks_own_error(tiny_llama):
     assert last.loss_init == pytest.approx(float((o1 - t1).pow(2).mean()), rel=1e-5)
     with pytest.raises(BitsmithError, match="2 blocks"):
         train_blocks(ad, blocks, qs, x, kwargs[0], x.shape[0], [t1], cfg, progress=False)
+
+
+def test_normalized_loss_weighs_each_token_by_its_targets_mean_square(tiny_llama):
+    """``loss: normalized``: every token's squared error is divided by its target's mean square (so a token
+    with a huge activation, an attention sink, weighs no more than any other); checked at iteration 0 against
+    the plain formula, on targets whose first token is 1000x the others, and a recipe with it learns."""
+    folder, _ = tiny_llama
+    lm = load_model(str(folder))
+    ad = lm.adapter
+    hidden, kwargs = capture_block_inputs(lm.model, ad, tokens(4, 16))
+    x = torch.cat(hidden)
+    block = ad.blocks()[0]
+    spec = QuantSpec.parse("int3:g32:asym")
+    with torch.no_grad():
+        t = run_blocks([block], x, kwargs[0])
+        t[:, 0] *= 1000
+        qs = {r: LRQQuantizer(lin.weight, spec, 4, torch.Generator().manual_seed(0))
+              for r, lin in ad.block_linears(block).items()}
+        rtn = copy.deepcopy(block)
+        install(ad, rtn, qs)
+        e = (run_blocks([rtn], x, kwargs[0]) - t).pow(2)
+    plain = train_blocks(ad, [block], [qs], x, kwargs[0], x.shape[0], t, TrainConfig(0, 2, 1e-2, 1e-3, 0, 0),
+                         progress=False)
+    norm = train_blocks(ad, [block], [qs], x, kwargs[0], x.shape[0], t, TrainConfig(0, 2, 1e-2, 1e-3, 0, 0, "normalized"),
+                        progress=False)
+    per_token = e / t.pow(2).mean(-1, keepdim=True)
+    assert plain.loss_init == pytest.approx(float(e.mean()), rel=1e-5)
+    assert norm.loss_init == pytest.approx(float(per_token.mean()), rel=1e-5)
+    with pytest.raises(BitsmithError, match="loss 'l1'"):
+        train_blocks(ad, [block], [qs], x, kwargs[0], x.shape[0], t, TrainConfig(0, 2, 1e-2, 1e-3, 0, 0, "l1"),
+                     progress=False)
+    lm = load_model(str(folder))
+    rec = run_steps(lm, [{"lrq": {"weights": "int3:channel:asym", "iters": 30, "rank": 4, "lr": 5e-3,
+                                  "loss": "normalized"}}], tokens(8, 24, 1))
+    assert all(r["kept"] and r["loss"] < 0.9 * r["loss_init"] for r in rec.steps[0].report)
 
 
 def test_cbq_block_targets_learn_every_window_block(tiny_llama):

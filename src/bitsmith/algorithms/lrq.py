@@ -22,9 +22,10 @@ With that start the rank pays off (W3 g64, earlier targets: ranks 16 / 64 / 144 
 The paper's case against FlexRound is generalisation: a scale per weight fits the calibration set and not
 what follows. That gap is visible here (W3 g64, block 6 of the default model, 24 calibration sequences
 trained and 8 held out, ``lr`` 0.01: FlexRound's error falls to 0.69 of RTN's on the training sequences and
-0.80 on the held-out ones, LRQ's to 0.74 and 0.83) but at 60 steps of 2 sequences it costs FlexRound less than its freedom gains: at W3 g64
-LRQ gives perplexity 34.83 against FlexRound's 31.95 (both at ``lr`` 0.01 with ``loss: normalized``, the
-W3 recipes). At per-channel W4 LRQ is ahead (30.97 against 32.11).
+0.80 on the held-out ones, LRQ's to 0.74 and 0.83), but at 60 steps of 2 sequences it costs FlexRound less
+than its freedom gains: at W3 g64 LRQ gives perplexity 34.83 against FlexRound's 31.95 (both at ``lr`` 0.01
+with ``loss: normalized``, the W3 recipes). At per-channel W4 (plain MSE, ``lr`` 0.02) LRQ is ahead (30.97
+against 32.11).
 """
 
 from __future__ import annotations

@@ -289,6 +289,13 @@ def observe_linear_inputs(blocks: list[nn.Module], linears: dict[Any, nn.Module]
 LOSSES = ("mse", "normalized")
 
 
+def check_loss(loss: str, who: str) -> str:
+    """``loss`` if it names a reconstruction loss, else a clear error naming ``who`` asked for it."""
+    if loss not in LOSSES:
+        raise BitsmithError(f"{who}: loss {loss!r} must be one of {', '.join(LOSSES)}")
+    return loss
+
+
 @dataclass
 class TrainConfig:
     iters: int
@@ -320,9 +327,7 @@ def train_blocks(adapter, blocks: list[nn.Module], quantizers: list[dict[str, Le
     if per_block and len(targets) != len(blocks):
         raise BitsmithError(f"{desc}: {len(targets)} targets for {len(blocks)} blocks")
     per_target = targets[-1].numel() if per_block else targets.numel()
-    if cfg.loss not in LOSSES:
-        raise BitsmithError(f"{desc}: loss {cfg.loss!r} must be one of {', '.join(LOSSES)}")
-    normalized = cfg.loss == "normalized"
+    normalized = check_loss(cfg.loss, desc) == "normalized"
 
     def window_loss(x: torch.Tensor, rows, kw: dict, reduction: str) -> torch.Tensor:
         """Squared error of the window on ``x`` against the targets' ``rows`` (a slice or an index)."""
@@ -453,8 +458,7 @@ class Reconstruction(Step):
             v = getattr(self, key)
             if isinstance(v, bool) or not isinstance(v, int) or v < (1 if key == "batch" else 0):
                 raise BitsmithError(f"{self.name}: {key} {v!r} must be a {'positive' if key == 'batch' else 'non-negative'} integer")
-        if self.loss not in LOSSES:
-            raise BitsmithError(f"{self.name}: loss {self.loss!r} must be one of {', '.join(LOSSES)}")
+        check_loss(self.loss, self.name)
         for key in ("lr", "scale_lr"):
             v = getattr(self, key)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0:

@@ -48,9 +48,9 @@ def llama_eval(path: Path, windows: torch.Tensor, ref: list[torch.Tensor] | None
     and with ``ref`` (the F32 file's next-token log-probabilities) the mean KL(float || this file) and top-1
     agreement. Without ``ref`` this file is the reference: its log-probabilities (about 100 MB per window) are
     returned too; with one, none are kept."""
-    import llama_cpp
+    from bitsmith.export.llama_cpp_runner import open_gguf
 
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=windows.shape[1], n_batch=windows.shape[1], n_threads=1,
+    llm = open_gguf(str(path), n_ctx=windows.shape[1], n_batch=windows.shape[1], n_threads=1,
                           logits_all=True, verbose=False)
     nll = kl = top = entropy = 0.0
     n, logps = 0, []

@@ -20,9 +20,9 @@ FILES = [("F32 (float)", "float-f32.gguf"), ("Q8_0 bitsmith GPTQ", "bitsmith-gpt
 
 
 def speed(path: Path, prompt: list[int], decode: int, reps: int, threads: int) -> tuple[float, float]:
-    import llama_cpp
+    from bitsmith.export.llama_cpp_runner import open_gguf
 
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=len(prompt) + decode + 8, n_batch=len(prompt),
+    llm = open_gguf(str(path), n_ctx=len(prompt) + decode + 8, n_batch=len(prompt),
                           n_threads=threads, n_threads_batch=threads, verbose=False)
     best_p = best_d = float("inf")
     for rep in range(reps + 1):  # round 0 warms up

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import bitsmith
+from bitsmith.export.llama_cpp_runner import open_gguf
 from bitsmith.errors import BitsmithError
 from bitsmith.export import export
 from bitsmith.export import gguf as eg
@@ -205,7 +206,7 @@ def test_llama_cpp_runs_the_file_and_matches_bitsmith(mixed_export, tmp_path):
     assert len(ids) > 40
 
     def llama_logits(p):
-        llm = llama_cpp.Llama(model_path=str(p), n_ctx=128, n_batch=128, n_threads=1, logits_all=True,
+        llm = open_gguf(str(p), n_ctx=128, n_batch=128, n_threads=1, logits_all=True,
                               verbose=False, type_k=0, type_v=0)  # F32 KV cache: no rounding there
         assert llm.tokenize(text.encode(), add_bos=False) == ids  # the tokenizer came along
         llm.eval(ids)
@@ -253,7 +254,7 @@ def test_gptq_q4_k_recipe_exports_and_llama_cpp_agrees(default_lm, tmp_path):
     path = export(lm, "gguf", tmp_path / "g32.gguf", qtype="f32")
     text = "A short text about rivers, mountains and the weather in spring, written for a test of the exporter."
     ids = lm.tokenizer(text, add_special_tokens=False)["input_ids"]
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, n_batch=64, n_threads=1, logits_all=True, verbose=False,
+    llm = open_gguf(str(path), n_ctx=64, n_batch=64, n_threads=1, logits_all=True, verbose=False,
                           type_k=0, type_v=0)
     llm.eval(ids)
     got = torch.tensor(np.array(llm.scores[: len(ids)]))

@@ -131,8 +131,8 @@ def test_gptq_beats_rtn_on_real_calibration_inputs(default_lm):
     tokens = calibration_batch(default_lm.tokenizer, builtin_text("calib"), 8, 128, seed=0)
     with torch.no_grad():
         hidden, _ = capture_block_inputs(default_lm.model, ad, tokens)
-        x_attn = torch.cat([ad.input_norm(block)(h) for h in hidden]).reshape(-1, ad.hidden_size)
-        x_mlp = torch.cat([ad.post_attention_norm(block)(h) for h in hidden]).reshape(-1, ad.hidden_size)
+        x_attn = torch.cat([ad.sublayers(block)[0].norm(h) for h in hidden]).reshape(-1, ad.hidden_size)
+        x_mlp = torch.cat([ad.sublayers(block)[1].norm(h) for h in hidden]).reshape(-1, ad.hidden_size)
         x_down = torch.nn.functional.silu(block.mlp.gate_proj(x_mlp)) * block.mlp.up_proj(x_mlp)
     for spec in ["int4:g64:sym", "int3:channel:asym"]:
         spec = QuantSpec.parse(spec)

@@ -183,7 +183,12 @@ def test_osplus_searches_the_shift(case):
     assert (z is not None) == want_shift and label["shift"] == want_shift
     assert searched <= min(err(True)[0], err(False)[0])
     assert err(True)[1] is not None and err(False)[1] is None
-    assert OSPlus(shift="search").choose(problem, cmap, "down")[0] is None  # down's input cannot take a shift
+    from torch import nn
+
+    from bitsmith.models.adapter import PRODUCT, Sublayer
+
+    mlp = Sublayer(nn.Identity(), nn.Identity(), ("gate", "up"), "down", False, "up", PRODUCT)
+    assert OSPlus(shift="search").choose(problem, cmap, mlp)[0] is None  # down's input cannot take a shift
 
 
 @pytest.mark.parametrize("steps, message", [

@@ -39,7 +39,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from bitsmith.algorithms.reconstruction import (
+    BlockKwargs,
     FloatActivations,
+    block_kwargs,
     run_blocks,
     slice_kwargs,
 )
@@ -141,29 +143,44 @@ class _StopForward(Exception):
 
 
 def capture_block_inputs(model: nn.Module, adapter: Adapter, tokens: torch.Tensor,
-                         chunk_tokens: int = CHUNK_TOKENS) -> tuple[list[torch.Tensor], list[dict]]:
+                         chunk_tokens: int = CHUNK_TOKENS) -> tuple[list[torch.Tensor], list[BlockKwargs]]:
     """Hidden states entering block 0 and the keyword arguments the model gives its blocks, per chunk.
 
-    The model runs only up to block 0 (embeddings, rotary tables, mask), then stops.
+    The model runs its embeddings, rotary tables and masks only: each block is replaced for the
+    pass by a recorder of its arguments that returns its input (the recorded keyword arguments do
+    not depend on the hidden states), and the pass stops at the first block of the last new kind.
     """
     per_chunk = max(1, chunk_tokens // tokens.shape[1])
+    blocks = adapter.blocks()
+    kinds = [adapter.block_kind(b) for b in blocks]
+    last = max(kinds.index(k) for k in set(kinds))
     hidden, kwargs = [], []
+    seen: dict = {}
 
-    def catch(_module, args, kw):
-        hidden.append((args[0] if args else kw.pop("hidden_states")).detach().float().clone())
-        kw = {k: v for k, v in kw.items() if k != "hidden_states"}
-        kwargs.append(kw)
-        raise _StopForward
+    def recorder(i: int):
+        def record(*args, **kw):
+            x = args[0] if args else kw.pop("hidden_states")
+            if i == 0:
+                hidden.append(x.detach().float().clone())
+            seen.setdefault(kinds[i], {k: v for k, v in kw.items() if k != "hidden_states"})
+            if i == last:
+                raise _StopForward
+            return x
+        return record
 
-    handle = adapter.blocks()[0].register_forward_pre_hook(catch, with_kwargs=True)
+    for i, block in enumerate(blocks[: last + 1]):
+        block.forward = recorder(i)
     try:
         for start in range(0, tokens.shape[0], per_chunk):
+            seen = {}
             try:
-                model(input_ids=tokens[start : start + per_chunk], use_cache=False)
+                adapter.embed_batch(tokens[start : start + per_chunk])
             except _StopForward:
                 pass
+            kwargs.append(BlockKwargs(seen[kinds[0]], seen, adapter.block_kind))
     finally:
-        handle.remove()
+        for block in blocks[: last + 1]:
+            del block.forward
     return hidden, kwargs
 
 
@@ -229,6 +246,12 @@ def _inner(sub: Sublayer, h: torch.Tensor, kw: dict) -> torch.Tensor:
     return _first(sub.body(x, **kw) if sub.takes_block_kwargs else sub.body(x))
 
 
+def _branch_output(sub: Sublayer, closing: nn.Module, a: torch.Tensor) -> torch.Tensor:
+    """What the branch adds to the residual stream, from its inner activation ``a``."""
+    y = closing(a)
+    return y if sub.post_norm is None else sub.post_norm(y)
+
+
 def run_block(adapter: Adapter, block: nn.Module, hidden: list[torch.Tensor], kwargs: list[dict],
               solvers: list[Step], transformers: list[Step] = (), ctx: Context | None = None,
               hold_bytes: float = math.inf) -> None:
@@ -241,6 +264,7 @@ def run_block(adapter: Adapter, block: nn.Module, hidden: list[torch.Tensor], kw
     folded a change of that input into the layers producing it.
     """
     gather = bool(solvers or transformers)
+    kwargs = [block_kwargs(kw, block) for kw in kwargs]
     for sub in adapter.sublayers(block):
         held: list[torch.Tensor | None] = []  # inner activations of the first chunks, kept within hold_bytes
         if gather:
@@ -277,7 +301,7 @@ def run_block(adapter: Adapter, block: nn.Module, hidden: list[torch.Tensor], kw
                     a, held[i] = held[i], None
                 else:
                     a = _inner(sub, h, kw)
-                h.add_(closing(a))
+                h.add_(_branch_output(sub, closing, a))
                 del a
         del held
 

@@ -47,6 +47,7 @@ from bitsmith.algorithms.reconstruction import (
     observe_linear_inputs,
 )
 from bitsmith.errors import BitsmithError
+from bitsmith.models.adapter import norm_gain, set_norm_gain
 from bitsmith.registry import register_step
 from bitsmith.runtime.modules import QuantLinear
 from bitsmith.spec import QuantSpec
@@ -164,7 +165,7 @@ class CBQ(Reconstruction):
             t = max(outlier_threshold(a), 1e-8)
             s = torch.where(a > t, a / t, torch.ones_like(a))
             self.scaled_channels += int((s > 1).sum())
-            norm.weight.div_(s.to(norm.weight.dtype))
+            set_norm_gain(norm, norm_gain(norm) / s.to(norm.weight.dtype))
             for r in roles:
                 lin = ad.block_linears(b)[r]
                 lin.weight.mul_(s.to(lin.weight.dtype))

@@ -75,6 +75,7 @@ from torch import nn
 
 from bitsmith.calibration import InputChange, InputStats
 from bitsmith.errors import BitsmithError
+from bitsmith.models.adapter import norm_gain, set_norm_gain
 from bitsmith.registry import Step, register_step
 from bitsmith.runtime import kvcache
 from bitsmith.runtime.modules import QuantLinear
@@ -325,10 +326,10 @@ class DuQuant(Step):
 
     def transform_inputs(self, ctx, block, roles: tuple[str, ...], stats: InputStats) -> InputChange:
         ad = ctx.lm.adapter
-        sub = next((s for s in ad.sublayers(block) if tuple(roles) in (tuple(s.inputs), (s.output,))), None)
-        if sub is None:
+        found = ad.branch_of(block, roles)
+        if found is None:
             raise BitsmithError(f"duquant: no branch of the block has inputs {roles}")
-        fold_norm = tuple(roles) == tuple(sub.inputs)
+        sub, fold_norm = found
         linears = ad.block_linears(block)
         for r in roles:
             if getattr(linears[r], "input_transform", None) is not None:
@@ -344,7 +345,7 @@ class DuQuant(Step):
         fit = fit_duquant(absmax, stats.gram() / stats.rows, stats.rows, wmax, self.alpha, b, self.steps)
         if fold_norm:
             norm = sub.norm
-            fold._assign(norm, "weight", norm.weight.detach().double() / fit.s)
+            set_norm_gain(norm, norm_gain(norm).double() / fit.s)
             if getattr(norm, "bias", None) is not None:
                 fold._assign(norm, "bias", norm.bias.detach().double() / fit.s)
         for r in roles:

@@ -43,6 +43,7 @@ import torch
 
 from bitsmith.algorithms.smoothing import ChannelMap, ChannelSmoothing, GroupProblem
 from bitsmith.errors import SpecError
+from bitsmith.models.adapter import HEADS
 from bitsmith.registry import register_step
 
 
@@ -77,7 +78,7 @@ class OSPlus(ChannelSmoothing):
 
     def choose(self, problem: GroupProblem, cmap: ChannelMap, closing):
         lo, hi = cmap.reduce(problem.lo, "amin"), cmap.reduce(problem.hi, "amax")
-        shifts = [False] if self.shift is False or closing == "down" else [True] if self.shift is True else [True, False]
+        shifts = [False] if self.shift is False or (closing and closing.mixing != HEADS) else [True] if self.shift is True else [True, False]
         best = None
         for shifted in shifts:
             if shifted:

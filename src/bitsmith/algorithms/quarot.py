@@ -32,14 +32,18 @@ from bitsmith.transforms.hadamard import hadamard_matrix, hadamard_transform, ra
 
 
 def install_online_rotations(ctx, block, r3: bool, r4: bool) -> None:
-    """R4 on the down projection input (weight compensated) and R3 on queries/keys."""
+    """R4 on the input of the closing linear of each non-attention branch (the MLP's down projection;
+    weight compensated) and R3 on queries/keys."""
     ad = ctx.lm.adapter
     if r4:
-        down = ad.block_linears(block)["down"]
-        fold._assign(down, "weight", hadamard_transform(fold._weight(down, "rotate").double()))  # W H^T
-        q = QuantLinear.from_linear(down)
-        q.input_transform = OnlineHadamard()
-        ad.set_block_linear(block, "down", q)
+        for role, kind in fold.rotation_kinds(ad, block).items():
+            if kind != fold.CLOSES:
+                continue
+            down = ad.block_linears(block)[role]
+            fold._assign(down, "weight", hadamard_transform(fold._weight(down, "rotate").double()))  # W H^T
+            q = QuantLinear.from_linear(down)
+            q.input_transform = OnlineHadamard()
+            ad.set_block_linear(block, role, q)
     if r3:
         kvcache.configure(ctx.lm.model, ad.attention(block), rotate=True)
 

@@ -26,7 +26,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -229,6 +229,24 @@ def _first(out):
     return out[0] if isinstance(out, tuple) else out
 
 
+class BlockKwargs(dict):
+    """The keyword arguments a model gives its blocks for one chunk: block 0's, plus those of each other
+    kind of block (Gemma's sliding-window layers get another mask and rotary table than its global
+    ones); :meth:`for_block` picks a block's by its kind (``kind_of``, from the adapter)."""
+
+    def __init__(self, first: dict, by_kind: dict | None = None, kind_of: Callable | None = None) -> None:
+        super().__init__(first)
+        self.by_kind, self.kind_of = by_kind or {}, kind_of
+
+    def for_block(self, block: nn.Module) -> dict:
+        return self.by_kind.get(self.kind_of(block), self) if self.kind_of is not None else self
+
+
+def block_kwargs(kw: dict, block: nn.Module) -> dict:
+    """``kw`` as ``block`` takes it (a plain dict serves every block)."""
+    return kw.for_block(block) if isinstance(kw, BlockKwargs) else kw
+
+
 def slice_kwargs(kw: Any, batch: int, n: int) -> Any:
     """Block keyword arguments for ``n`` sequences, given those captured for ``batch`` sequences.
 
@@ -239,6 +257,9 @@ def slice_kwargs(kw: Any, batch: int, n: int) -> Any:
         return kw[:n] if kw.dim() > 0 and kw.shape[0] == batch and batch > 1 else kw
     if isinstance(kw, (tuple, list)):
         return type(kw)(slice_kwargs(k, batch, n) for k in kw)
+    if isinstance(kw, BlockKwargs):
+        return BlockKwargs(slice_kwargs(dict(kw), batch, n),
+                           {k: slice_kwargs(v, batch, n) for k, v in kw.by_kind.items()}, kw.kind_of)
     if isinstance(kw, dict):
         return {k: slice_kwargs(v, batch, n) for k, v in kw.items()}
     return kw
@@ -262,7 +283,7 @@ class FloatActivations:
 
 def run_blocks(blocks: list[nn.Module], x: torch.Tensor, kw: dict) -> torch.Tensor:
     for b in blocks:
-        x = _first(b(x, **kw))
+        x = _first(b(x, **block_kwargs(kw, b)))
     return x
 
 
@@ -342,7 +363,7 @@ def train_blocks(adapter, blocks: list[nn.Module], quantizers: list[dict[str, Le
             return err(run_blocks(blocks, x, kw), targets)
         loss = 0.0
         for b, t in zip(blocks, targets):
-            x = _first(b(x, **kw))
+            x = _first(b(x, **block_kwargs(kw, b)))
             loss = loss + err(x, t)
         return loss
     originals = []

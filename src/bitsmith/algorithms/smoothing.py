@@ -1,22 +1,24 @@
 """What the channel-smoothing steps share: SmoothQuant (arXiv 2211.10438), OS+ (arXiv 2304.09145).
 
-Both rewrite one *input group* (the linears reading one activation: q/k/v, o, gate/up, down) as
-``x -> (x - z) / s`` per input channel, folded into the layer that produces ``x``, and compensate
-in the weights (``W -> W diag(s)``) and, for a shift, in the bias (``b -> b + W z``); the float
-model computes the same function. Where each piece goes (``upstream`` is the producer of ``x``):
+Both rewrite one *input group* (the linears reading one activation: a branch's input group such
+as q/k/v or gate/up, or its closing linear such as o or down) as ``x -> (x - z) / s`` per input
+channel, folded into the layer that produces ``x``, and compensate in the weights
+(``W -> W diag(s)``) and, for a shift, in the bias (``b -> b + W z``); the float model computes
+the same function. Where each piece goes (``upstream`` is the producer of ``x``), by what the
+adapter declares of the branch (:class:`bitsmith.models.adapter.Sublayer`):
 
-==============  =====================================  =========================================
-group           ``1/s`` folded into                    shift ``z`` (OS+)
-==============  =====================================  =========================================
-q, k, v         ``input_layernorm`` weight             online in each linear (:class:`OnlineShift`)
-gate, up        ``post_attention_layernorm`` weight    online in each linear (:class:`OnlineShift`)
-o               ``v_proj`` rows (per kv head, GQA)     ``v_proj`` bias: softmax rows sum to one
-down            ``up_proj`` rows (act(gate)*up)        none: act(gate)*up - z is not linear in up
-==============  =====================================  =========================================
+==========================  ===================================  ========================================
+group                       ``1/s`` folded into                  shift ``z`` (OS+)
+==========================  ===================================  ========================================
+branch inputs (q/k/v ...)   the branch norm's gain               online in each linear (:class:`OnlineShift`)
+closing, ``HEADS`` mixing   the feeder's rows (per kv head)      the feeder's bias: softmax rows sum to one
+closing, ``PRODUCT``        the feeder's rows (act(gate)*up)     none: act(gate)*up - z is not linear in up
+==========================  ===================================  ========================================
 
 An RMSNorm has no bias, so a shift after it runs as a per-channel subtraction inside the linear
-(a kernel fuses it into the activation quantizer's zero point). For o, a kv channel feeds the
-same channel of every query head of its group, so ``s`` and ``z`` are shared by those heads.
+(a kernel fuses it into the activation quantizer's zero point). Through ``HEADS`` mixing with GQA,
+a kv channel feeds the same channel of every query head of its group, so ``s`` and ``z`` are shared
+by those heads.
 
 The searches (SmoothQuant's alpha, OS+'s outlier threshold, the clipping of static activation
 scales) minimise the quantized layer's *output* error, which depends on how the rows are
@@ -55,6 +57,7 @@ from torch import nn
 from bitsmith.calibration import InputChange, InputStats
 from bitsmith.errors import BitsmithError, SpecError
 from bitsmith.formats.registry import fake_quantize
+from bitsmith.models.adapter import HEADS, Sublayer, norm_gain, set_norm_gain
 from bitsmith.registry import Step
 from bitsmith.runtime.modules import QuantLinear, static_fake_quantize, static_input_params
 from bitsmith.runtime.online import OnlineShift
@@ -64,8 +67,6 @@ from bitsmith.transforms.fold import _assign
 
 TAP_ROWS = 1024  # uniformly drawn rows per group
 TAP_HEAVY = 128  # plus the rows with the largest magnitudes (outlier tokens), each standing for itself
-# Closing role -> the linear whose output rows make its input (through attention / SwiGLU's product).
-FEEDS = {"o": "v", "down": "up"}
 LAYERS = ("all", "norms")
 
 
@@ -289,12 +290,12 @@ class ChannelMap:
     size: int
 
     @classmethod
-    def for_group(cls, adapter, roles: tuple[str, ...], d: int) -> "ChannelMap":
+    def for_group(cls, adapter, closing: Sublayer | None, d: int) -> "ChannelMap":
         heads, kv = adapter.num_heads, adapter.num_kv_heads
-        if roles == ("o",) and kv != heads:
+        if closing is not None and closing.mixing == HEADS and kv != heads:
             hd = adapter.head_dim
             if d != heads * hd or heads % kv:
-                raise BitsmithError(f"o_proj input of {d} channels does not match {heads} heads of {hd}")
+                raise BitsmithError(f"{closing.output} input of {d} channels does not match {heads} heads of {hd}")
             index = ((torch.arange(heads) // (heads // kv))[:, None] * hd + torch.arange(hd)).reshape(-1)
             return cls(index, kv * hd)
         return cls(torch.arange(d), d)
@@ -347,8 +348,9 @@ class ChannelSmoothing(Step):
         self._rounded_first: set[str] | None = None
 
     def choose(self, problem: GroupProblem, cmap: ChannelMap,
-               closing: str | None) -> tuple[torch.Tensor | None, torch.Tensor, Any]:
-        """``(z, s, label)`` in ``cmap``'s source channels (float64); ``z`` None for no shift."""
+               closing: Sublayer | None) -> tuple[torch.Tensor | None, torch.Tensor, Any]:
+        """``(z, s, label)`` in ``cmap``'s source channels (float64); ``z`` None for no shift. ``closing``:
+        the branch whose closing linear the group is (None for a branch's input group)."""
         raise NotImplementedError
 
     def apply_block(self, ctx, block) -> None:
@@ -410,12 +412,16 @@ class ChannelSmoothing(Step):
         linears = ad.block_linears(block)
         if self._rounded_first is None:  # data-free quantizers ran before the block's first group
             self._rounded_first = {r for r, lin in linears.items() if getattr(lin, "packed", None) is not None}
-        closing = roles[0] if len(roles) == 1 and roles[0] in FEEDS else None
-        if closing and self.layers == "norms":
+        found = ad.branch_of(block, roles)
+        if found is None:
+            raise BitsmithError(f"{self.name}: {'/'.join(roles)} is neither a branch's input group nor its closing linear")
+        sub, is_input = found
+        closing = None if is_input else sub
+        if closing and (self.layers == "norms" or closing.feeder is None):
             return None
-        feeder = FEEDS[closing] if closing else None
+        feeder = closing.feeder if closing else None
         self._check(ad, block, roles)
-        why = "its input was smoothed" if not closing else f"the {closing} input's scale could be folded into it"
+        why = "its input was smoothed" if not closing else f"the {closing.output} input's scale could be folded into it"
         weights = {r: self._weight(linears[r], r, why) for r in roles}
         if feeder:
             weights[feeder] = self._weight(linears[feeder], feeder, why, producer=True)
@@ -424,10 +430,10 @@ class ChannelSmoothing(Step):
         specs = [self._grid(ctx, linears[r]) for r in roles]
         problem = GroupProblem(x, row_weight, stats.min.double(), stats.max.double(), [weights[r].float() for r in roles],
                                specs, getattr(first, "act_spec", None), bool(getattr(first, "act_static", False)))
-        cmap = ChannelMap.for_group(ad, roles, x.shape[1])
+        cmap = ChannelMap.for_group(ad, closing, x.shape[1])
         z_src, s_src, label = self.choose(problem, cmap, closing)
-        if closing == "down" and z_src is not None:
-            raise BitsmithError(f"internal error: {self.name} chose a shift for the down_proj input, which cannot be folded")
+        if closing and closing.mixing != HEADS and z_src is not None:
+            raise BitsmithError(f"internal error: {self.name} chose a shift for the {closing.output} input, which cannot be folded")
         s, z = cmap.expand(s_src), None if z_src is None else cmap.expand(z_src)
 
         for role in roles:  # the readers: W -> W diag(s), b -> b + W z
@@ -447,11 +453,11 @@ class ChannelSmoothing(Step):
                 _set_bias(prod, ((0.0 if bias is None else bias.detach().double()) - z_src) / s_src)
             elif bias is not None:
                 _assign(prod, "bias", bias.detach().double() / s_src)
-        else:  # the branch norm's scale absorbs 1/s; the shift runs online in each reader
-            norm = next(sub.norm for sub in ad.sublayers(block) if tuple(sub.inputs) == roles)
+        else:  # the branch norm's gain absorbs 1/s; the shift runs online in each reader
+            norm = sub.norm
             if getattr(norm, "bias", None) is not None:
                 raise BitsmithError(f"{self.name}: {type(norm).__name__} has a bias; only RMSNorm-style norms are supported")
-            _assign(norm, "weight", norm.weight.detach().double() / s)
+            set_norm_gain(norm, norm_gain(norm).double() / s)
             if z is not None:
                 for role in roles:
                     ad.block_linears(block)[role].input_transform = OnlineShift(z / s)

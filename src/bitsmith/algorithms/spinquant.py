@@ -66,35 +66,35 @@ def _ste_weight(w: torch.Tensor, spec: QuantSpec | None) -> torch.Tensor:
 class _Rotated(nn.Module):
     """A block linear during training: weight = f(W, R1, R2), fake-quantized input and weight."""
 
-    def __init__(self, linear: nn.Module, role: str, owner: "_Trainer", layer: int) -> None:
+    def __init__(self, linear: nn.Module, kind: str, owner: "_Trainer", layer: int) -> None:
         super().__init__()
         self.weight = linear.weight.detach().float()
         self.bias = None if getattr(linear, "bias", None) is None else linear.bias.detach().float()
-        self.role, self.owner, self.layer = role, owner, layer
-        if role == "down":
+        self.kind, self.owner, self.layer = kind, owner, layer
+        if kind == fold.CLOSES:
             self.weight = hadamard_transform(self.weight)  # W H^T for the online R4
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         o = self.owner
         r1 = o.r1.float()
-        if self.role == "down":
+        if self.kind == fold.CLOSES:
             x = hadamard_transform(x)
         x = _ste(x, o.activations)
         if o.weights is None:
             return self._rotate_activations(x, r1)
         w, b, d = self.weight, self.bias, o.head_dim
-        if self.role in ("q", "k", "gate", "up"):
+        if self.kind == fold.READS:
             w = w @ r1
-        elif self.role == "v":
+        elif self.kind == fold.FEEDS_HEADS:
             p = o.r2[self.layer].float()
             w = torch.einsum("dk,hdi->hki", p, (w @ r1).reshape(-1, d, w.shape[1])).reshape(w.shape)
             if b is not None:
                 b = (b.reshape(-1, d) @ p).reshape(-1)
-        elif self.role == "o":
+        elif self.kind == fold.CLOSES_HEADS:
             p = o.r2[self.layer].float()
             w = torch.einsum("ohd,dk->ohk", w.reshape(w.shape[0], -1, d), p).reshape(w.shape)
             w = r1.T @ w
-        else:  # down
+        else:  # fold.CLOSES
             w = r1.T @ w
         return F.linear(x, _ste_weight(w, o.weights), b)
 
@@ -102,12 +102,12 @@ class _Rotated(nn.Module):
     def _rotate_activations(self, x: torch.Tensor, r1: torch.Tensor) -> torch.Tensor:
         """Float weights: the same function with the rotations applied to the (fewer) activations."""
         o, d = self.owner, self.owner.head_dim
-        if self.role in ("q", "k", "gate", "up"):
+        if self.kind == fold.READS:
             return F.linear(x @ r1.T, self.weight, self.bias)
-        if self.role == "v":
+        if self.kind == fold.FEEDS_HEADS:
             v = F.linear(x @ r1.T, self.weight, self.bias)
             return (v.unflatten(-1, (-1, d)) @ o.r2[self.layer].float()).flatten(-2)
-        if self.role == "o":
+        if self.kind == fold.CLOSES_HEADS:
             x = (x.unflatten(-1, (-1, d)) @ o.r2[self.layer].float().T).flatten(-2)
         return F.linear(x, self.weight, self.bias) @ r1  # o and down write the rotated stream
 
@@ -163,8 +163,9 @@ class _Trainer:
         ad.set_embeddings(_Embedding(self.saved["emb"], self))
         ad.set_lm_head(_Head(self.saved["head"], self))
         for i, (block, linears) in enumerate(zip(ad.blocks(), self.saved["blocks"])):
+            kinds = fold.rotation_kinds(ad, block)
             for role, linear in linears.items():
-                ad.set_block_linear(block, role, _Rotated(linear, role, self, i))
+                ad.set_block_linear(block, role, _Rotated(linear, kinds[role], self, i))
             ad.attention(block).bitsmith_kv = _KV(self)
         kvcache.use_hooked_attention(self.lm.model)
         return self
@@ -220,6 +221,7 @@ class SpinQuant(Step):
         if lm.weights is not None:
             raise BitsmithError("spinquant learns one rotation shared by all layers, so it needs the whole model in memory; run without --stream")
         ad = lm.adapter
+        ad.require("rotatable", "spinquant")
         seed = ctx.seed if self.seed is None else self.seed
         fold.fuse_norms_outside(ad)
         for block in ad.blocks():

@@ -2,9 +2,11 @@
 
 What is written (GGUF v3 through gguf-py's ``GGUFWriter``, spec: github.com/ggml-org/ggml docs/gguf.md):
 
-* llama architecture metadata from the model's config, and every ``tokenizer.*`` key copied from the
-  GGUF file the float model came from (the default model's or any ``.gguf`` source): llama.cpp
-  tokenizes with exactly the vocabulary bitsmith used. Sources without a GGUF tokenizer are refused.
+* the architecture's metadata (``<arch>.*``) and every ``tokenizer.*`` key copied from the GGUF file
+  the float model came from (the default model's or any ``.gguf`` source): llama.cpp reads the same
+  settings and tokenizes with exactly the vocabulary bitsmith used. Sources without a GGUF tokenizer
+  are refused. Tensor names come from the architecture's layout (:mod:`bitsmith.models.gguf_layouts`),
+  with its conventions (Gemma's norms stored as ``1 + w``).
 * Linear weights that bitsmith quantized on a GGUF grid (``q4_0``, ``q4_k``, ... e.g. by the
   ``gptq-q4_0`` / ``gptq-q4_k`` recipes) are copied as their stored ggml records: not re-quantized,
   so llama.cpp multiplies by exactly the weights bitsmith evaluated. Rotations folded into the weights
@@ -38,14 +40,13 @@ from bitsmith.errors import BitsmithError
 from bitsmith.export import atomic_path, register_exporter
 from bitsmith.formats import gguf_blocks as gb
 from bitsmith.formats.registry import number_format
+from bitsmith.models.gguf_layouts import layout_for_model_type
 from bitsmith.runtime.modules import QuantEmbedding, QuantLinear
 from bitsmith.spec import GGUF_TYPES, QuantSpec
 
 FLOAT_TYPES = ("f32", "f16", "bf16")
 # llama.cpp's fallback when a K-quant's 256-element super-block does not divide a row (llama-quant.cpp)
 K_FALLBACK = {"q4_k": "q5_0", "q6_k": "q8_0"}
-_ROLE_NAMES = {"q": "attn_q", "k": "attn_k", "v": "attn_v", "o": "attn_output",
-               "gate": "ffn_gate", "up": "ffn_up", "down": "ffn_down"}
 
 
 @dataclass(frozen=True)
@@ -145,11 +146,11 @@ def _offending(model: torch.nn.Module) -> list[str]:
 
 def source_gguf(lm) -> Path:
     """The GGUF file the model's float weights (and tokenizer) came from."""
-    from bitsmith.models.load import DEFAULT_MODEL, default_model_path
+    from bitsmith.models.load import BUILTIN_GGUF
 
     src = str(lm.source)
-    if src == DEFAULT_MODEL:
-        return default_model_path()
+    if src in BUILTIN_GGUF:
+        return BUILTIN_GGUF[src]()
     path = Path(src).expanduser()
     if path.suffix.lower() == ".gguf" and path.is_file():
         return path
@@ -158,23 +159,29 @@ def source_gguf(lm) -> Path:
 
 
 @functools.lru_cache(maxsize=2)
-def _tokenizer_fields(path: str, stamp: tuple[int, int]) -> tuple[tuple, ...]:
-    """(key, value, type, element type) of every ``tokenizer.*`` field of a GGUF file (parsed once: a
-    50k-token vocabulary takes seconds to read); ``stamp`` (size, mtime) keys the cache."""
+def _source_fields(path: str, stamp: tuple[int, int]) -> tuple[tuple, ...]:
+    """(key, value, type, element type) of the ``tokenizer.*`` fields and the architecture's own fields
+    (``<arch>.*``: sizes, rotary, sliding window) of a GGUF file, parsed once (a 50k-token vocabulary
+    takes seconds to read); ``stamp`` (size, mtime) keys the cache."""
     import gguf
 
+    reader = gguf.GGUFReader(path)
+    arch = reader.fields["general.architecture"].contents()
     out = []
-    for key, field in gguf.GGUFReader(path).fields.items():
-        if key.startswith("tokenizer."):
+    for key, field in reader.fields.items():
+        if key.startswith(("tokenizer.", f"{arch}.")):
             vtype = field.types[0]
             sub = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
             out.append((key, field.contents(), vtype, sub))
     return tuple(out)
 
 
-def _copy_tokenizer(writer, src: Path) -> None:
+def _copy_source_fields(writer, src: Path) -> None:
+    """The source's tokenizer and architecture settings: the quantized model has the float model's
+    vocabulary and shapes, and llama.cpp reads its settings (head sizes, rotary bases, sliding window)
+    exactly as it did from the source."""
     st = src.stat()
-    for key, value, vtype, sub in _tokenizer_fields(str(src.resolve()), (st.st_size, st.st_mtime_ns)):
+    for key, value, vtype, sub in _source_fields(str(src.resolve()), (st.st_size, st.st_mtime_ns)):
         writer.add_key_value(key, value, vtype, sub_type=sub)
 
 
@@ -183,32 +190,13 @@ def _rope(cfg) -> dict:
     return dict(getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {})
 
 
-def _write_config(writer, cfg, name: str) -> None:
-    heads = cfg.num_attention_heads
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
-    writer.add_name(name)
-    writer.add_vocab_size(cfg.vocab_size)
-    writer.add_context_length(cfg.max_position_embeddings)
-    writer.add_embedding_length(cfg.hidden_size)
-    writer.add_block_count(cfg.num_hidden_layers)
-    writer.add_feed_forward_length(cfg.intermediate_size)
-    writer.add_head_count(heads)
-    writer.add_head_count_kv(getattr(cfg, "num_key_value_heads", None) or heads)
-    writer.add_rope_dimension_count(head_dim)
-    writer.add_key_length(head_dim)
-    writer.add_value_length(head_dim)
-    writer.add_rope_freq_base(float(getattr(cfg, "rope_theta", None) or _rope(cfg).get("rope_theta", 10000.0)))
-    writer.add_layer_norm_rms_eps(float(cfg.rms_norm_eps))
-    writer.add_quantization_version(2)
-
-
 def plan(lm, qtype: str = "f16") -> list[tuple[str, np.ndarray, str]]:
     """Every tensor to write: (GGUF name, array as GGUFWriter takes it, GGUF type name). Raises on what GGUF cannot hold."""
     model, ad = lm.model, lm.adapter
     cfg = model.config
-    if cfg.model_type not in ("llama", "mistral"):
-        raise BitsmithError(f"GGUF export writes the llama architecture; {cfg.model_type!r} is not supported yet")
-    if _rope(cfg).get("rope_type", "default") != "default":
+    ad.require("gguf", "GGUF export")
+    layout = layout_for_model_type(cfg.model_type)
+    if any(isinstance(v, dict) and v.get("rope_type", "default") != "default" for v in [_rope(cfg), *_rope(cfg).values()]):
         raise BitsmithError(f"GGUF export: rope scaling {_rope(cfg)} is not written yet; export a model without it")
     if getattr(lm, "weights", None) is not None:
         raise BitsmithError("GGUF export needs the whole model in memory; load it without --stream")
@@ -224,36 +212,42 @@ def plan(lm, qtype: str = "f16") -> list[tuple[str, np.ndarray, str]]:
         if isinstance(m, (QuantLinear, QuantEmbedding)) and packed is not None and packed.spec.format not in GGUF_TYPES:
             raise BitsmithError(f"{name} holds {packed.spec} weights, which GGUF cannot store; quantize on a GGUF grid "
                                 f"instead (e.g. --recipe gptq-q4_0 or gptq-q4_k)")
-    n_layers = cfg.num_hidden_layers
+    blocks = ad.blocks()
     heads, kv_heads = ad.num_heads, ad.num_kv_heads
     out: list[tuple[str, np.ndarray, str]] = []
 
-    def weight(module, gname: str, layer: int | None, tied: bool = False, permute: int | None = None) -> None:
+    def weight(module, gname: str, layer: int | None, tied: bool = False) -> None:
+        permute = layout.permuted_heads(gname, heads, kv_heads)
         packed = getattr(module, "packed", None)
         if packed is not None:  # quantized by bitsmith on a GGUF grid: the stored records, unchanged
             arr, t = packed.data["qblocks"].numpy(), packed.spec.format
         else:
             key = gname + ("@tied" if tied else "")
-            arr, t = _float_tensor(module.weight, choose(TensorInfo(key, layer, n_layers)))
+            arr, t = _float_tensor(module.weight, choose(TensorInfo(key, layer, len(blocks))))
         if permute is not None:
             arr = _permute_rows(arr, permute)
         out.append((gname, np.ascontiguousarray(arr), t))
+        if getattr(module, "bias", None) is not None:
+            vector(module.bias, gname.rpartition(".")[0] + ".bias", permute)
 
     def vector(t: torch.Tensor, gname: str, permute: int | None = None) -> None:
         arr = t.detach().float().numpy()
+        if layout.is_norm(gname):
+            arr = arr + np.float32(layout.norm_offset)
         out.append((gname, np.ascontiguousarray(_permute_rows(arr, permute) if permute else arr), "f32"))
+
+    def tensor(root: torch.nn.Module, path: str, gname: str, layer: int | None) -> None:
+        module = root.get_submodule(path)
+        if layout.is_norm(gname):
+            vector(module.weight, gname)
+        else:
+            weight(module, gname, layer)
 
     tied = ad.tied_embeddings()
     weight(ad.embeddings(), "token_embd.weight", None, tied=tied)
-    for i, block in enumerate(ad.blocks()):
-        vector(ad.input_norm(block).weight, f"blk.{i}.attn_norm.weight")
-        vector(ad.post_attention_norm(block).weight, f"blk.{i}.ffn_norm.weight")
-        for role, lin in ad.block_linears(block).items():
-            perm = {"q": heads, "k": kv_heads}.get(role)
-            g = f"blk.{i}.{_ROLE_NAMES[role]}"
-            weight(lin, f"{g}.weight", i, permute=perm)
-            if getattr(lin, "bias", None) is not None:
-                vector(lin.bias, f"{g}.bias", permute=perm)
+    for i, block in enumerate(blocks):
+        for name, path in layout.block.items():
+            tensor(block, path, f"blk.{i}.{name}.weight", i)
     vector(ad.final_norm().weight, "output_norm.weight")
     if not tied:
         weight(ad.lm_head(), "output.weight", None)
@@ -274,9 +268,10 @@ def write(lm, out: Path, tensors: list[tuple[str, np.ndarray, str]]) -> Path:
 
     src = source_gguf(lm)
     with atomic_path(Path(out)) as tmp:
-        writer = gguf.GGUFWriter(str(tmp), "llama")
-        _write_config(writer, lm.model.config, Path(str(lm.source)).stem if lm.source != "default" else "SmolLM2-135M-Instruct")
-        _copy_tokenizer(writer, src)
+        writer = gguf.GGUFWriter(str(tmp), layout_for_model_type(lm.model.config.model_type).arch)
+        writer.add_name(src.stem)
+        writer.add_quantization_version(2)
+        _copy_source_fields(writer, src)
         for name, arr, t in tensors:
             if t in ("f32", "f16"):
                 writer.add_tensor(name, arr)

@@ -13,7 +13,6 @@ reads: a streamed model holds only the block it works on.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -23,30 +22,7 @@ import torch
 
 from bitsmith.errors import BitsmithError
 from bitsmith.models.adapter import check_supported
-
-# llama.cpp architecture name -> (Hugging Face model_type, q/k rows permuted by the converter)
-_ARCHS = {"llama": ("llama", True), "mistral": ("mistral", True), "qwen2": ("qwen2", False)}
-
-_BLOCK_NAMES = {
-    "attn_norm.weight": "input_layernorm.weight",
-    "ffn_norm.weight": "post_attention_layernorm.weight",
-    "attn_q.weight": "self_attn.q_proj.weight",
-    "attn_k.weight": "self_attn.k_proj.weight",
-    "attn_v.weight": "self_attn.v_proj.weight",
-    "attn_q.bias": "self_attn.q_proj.bias",
-    "attn_k.bias": "self_attn.k_proj.bias",
-    "attn_v.bias": "self_attn.v_proj.bias",
-    "attn_output.weight": "self_attn.o_proj.weight",
-    "ffn_gate.weight": "mlp.gate_proj.weight",
-    "ffn_up.weight": "mlp.up_proj.weight",
-    "ffn_down.weight": "mlp.down_proj.weight",
-}
-_TOP_NAMES = {
-    "token_embd.weight": "model.embed_tokens.weight",
-    "output_norm.weight": "model.norm.weight",
-    "output.weight": "lm_head.weight",
-}
-
+from bitsmith.models.gguf_layouts import LAYOUTS, layout_for_arch
 
 @dataclass(frozen=True)
 class GGUFTensor:
@@ -90,11 +66,12 @@ class GGUFModelFile:
                         for t in reader.tensors}
         del reader  # drops the parser's per-string objects and its memory map
         arch = self._field("general.architecture")
-        if arch not in _ARCHS:
+        if arch not in LAYOUTS:
             check_supported(str(arch))  # raises with the list of supported architectures
-            raise BitsmithError(f"GGUF architecture {arch!r} has no tensor mapping yet; supported: {', '.join(_ARCHS)}")
+        self.layout = layout_for_arch(arch)
         self.arch = arch
-        self.model_type, self._permuted_qk = _ARCHS[arch]
+        self.model_type = self.layout.model_type
+        check_supported(self.model_type)
 
     def _field(self, key: str, default=None):
         """A scalar or string metadata value (arrays are not kept; see ``_lengths``)."""
@@ -125,15 +102,11 @@ class GGUFModelFile:
         head_dim = self._field(f"{a}.attention.key_length")
         if head_dim is not None and int(head_dim) != hidden // heads:
             kw["head_dim"] = int(head_dim)
+        kw.update(self.layout.extra_config(self._field))
         return AutoConfig.for_model(self.model_type, **kw)
 
     def hf_name(self, name: str) -> str | None:
-        if name in _TOP_NAMES:
-            return _TOP_NAMES[name]
-        m = re.fullmatch(r"blk\.(\d+)\.(.+)", name)
-        if m and m.group(2) in _BLOCK_NAMES:
-            return f"model.layers.{m.group(1)}.{_BLOCK_NAMES[m.group(2)]}"
-        return None
+        return self.layout.hf_name(name)
 
     def tensor(self, name: str) -> torch.Tensor:
         """One tensor by its GGUF name, dequantized to fp32 in Hugging Face orientation."""
@@ -158,10 +131,12 @@ class GGUFModelFile:
         except Exception as e:
             raise BitsmithError(f"{self.path}: cannot decode tensor {name} of type {t.tensor_type.name} ({e})") from None
         w = torch.from_numpy(np.array(arr, dtype=np.float32, copy=not arr.flags.writeable))
-        if self._permuted_qk and name.endswith(("attn_q.weight", "attn_k.weight")):
-            cfg_heads = int(self._field(f"{self.arch}.attention.head_count"))
-            kv_heads = int(self._field(f"{self.arch}.attention.head_count_kv", cfg_heads))
-            w = _unpermute(w, cfg_heads if "attn_q" in name else kv_heads)
+        heads = int(self._field(f"{self.arch}.attention.head_count"))
+        permuted = self.layout.permuted_heads(name, heads, int(self._field(f"{self.arch}.attention.head_count_kv", heads)))
+        if permuted is not None:
+            w = _unpermute(w, permuted)
+        if self.layout.norm_offset and self.layout.is_norm(name):
+            w = w - self.layout.norm_offset
         return w
 
     def iter_state_dict(self) -> Iterator[tuple[str, torch.Tensor]]:

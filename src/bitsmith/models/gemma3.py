@@ -10,41 +10,20 @@ from __future__ import annotations
 
 from torch import nn
 
-from bitsmith.models.adapter import HEADS, PRODUCT, Adapter, Sublayer, register_adapter, register_offset_norm
+from bitsmith.models.adapter import HEADS, PRODUCT, Sublayer, register_adapter, register_offset_norm
+from bitsmith.models.llama import LlamaAdapter
 
 
 @register_adapter
-class Gemma3Adapter(Adapter):
+class Gemma3Adapter(LlamaAdapter):
+    """The Llama layout (same module paths), with Gemma's branches, norms and block kinds."""
+
     model_types = ("gemma3_text",)
     provides = frozenset({"gguf"})
-    linear_paths = {
-        "q": "self_attn.q_proj",
-        "k": "self_attn.k_proj",
-        "v": "self_attn.v_proj",
-        "o": "self_attn.o_proj",
-        "gate": "mlp.gate_proj",
-        "up": "mlp.up_proj",
-        "down": "mlp.down_proj",
-    }
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model)
         register_offset_norm(type(self.final_norm()))
-
-    def embeddings(self) -> nn.Module:
-        return self.model.model.embed_tokens
-
-    def set_embeddings(self, module: nn.Module) -> None:
-        self.model.model.embed_tokens = module
-
-    def blocks(self) -> list[nn.Module]:
-        return list(self.model.model.layers)
-
-    def final_norm(self) -> nn.Module:
-        return self.model.model.norm
-
-    def attention(self, block: nn.Module) -> nn.Module:
-        return block.self_attn
 
     def block_kind(self, block: nn.Module) -> str:
         return "sliding" if block.self_attn.is_sliding else "global"

